@@ -1,0 +1,32 @@
+"""fbsemlib: FBSEM-Net and memory-efficient (sequential) training for unrolled PET
+reconstruction, with a differentiable PET projector, the PET forward model, OSEM / MAP-EM
+baselines and offline brain phantoms."""
+
+from .geometry import (
+    ImageGrid,
+    ParallelBeamGeometry,
+    RingScanner,
+    SinogramGeometry,
+    scanner_preset,
+    sinogram_preset,
+)
+from .operators import CompositeOperator, LinearOperator, adjointness_error
+from .projector import Projector, parallelproj_available
+from .psf import GaussianPSF
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImageGrid",
+    "ParallelBeamGeometry",
+    "RingScanner",
+    "SinogramGeometry",
+    "scanner_preset",
+    "sinogram_preset",
+    "LinearOperator",
+    "CompositeOperator",
+    "adjointness_error",
+    "Projector",
+    "parallelproj_available",
+    "GaussianPSF",
+]
