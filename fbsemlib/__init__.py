@@ -13,6 +13,9 @@ from .geometry import (
 from .operators import CompositeOperator, LinearOperator, adjointness_error
 from .projector import Projector, parallelproj_available
 from .psf import GaussianPSF
+from .forward_model import PETForwardModel, attenuation_factors, normalisation_factors, poisson_log_likelihood
+from .fusion import fuse
+from .recon import map_em, mlem, osem, postfilter
 
 __version__ = "0.1.0"
 
@@ -29,4 +32,13 @@ __all__ = [
     "Projector",
     "parallelproj_available",
     "GaussianPSF",
+    "PETForwardModel",
+    "attenuation_factors",
+    "normalisation_factors",
+    "poisson_log_likelihood",
+    "fuse",
+    "mlem",
+    "osem",
+    "postfilter",
+    "map_em",
 ]
