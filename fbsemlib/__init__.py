@@ -16,6 +16,7 @@ from .psf import GaussianPSF
 from .forward_model import PETForwardModel, attenuation_factors, normalisation_factors, poisson_log_likelihood
 from .fusion import fuse
 from .recon import map_em, mlem, osem, postfilter
+from .fbsem import FBSEMNet, ModelConfig, RegulariserCNN
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,7 @@ __all__ = [
     "osem",
     "postfilter",
     "map_em",
+    "FBSEMNet",
+    "ModelConfig",
+    "RegulariserCNN",
 ]
