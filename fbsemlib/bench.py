@@ -1,0 +1,281 @@
+"""Benchmarks: numbers printed as a table and written as JSON (with machine info).
+
+``fbsem bench projector|memory|training|simulation|all [--quick] [--out DIR]``.
+Timings are medians over repeats, measured side by side in one run, and reported as
+ratios where a comparison is the point (machines are noisy). ``--quick`` runs tiny
+sizes (used by the tests to check that the scripts work, never to judge speed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .geometry import ImageGrid, ParallelBeamGeometry, sinogram_preset
+from .projector import Projector, parallelproj_available
+
+__all__ = ["machine_info", "time_callable", "bench_projector", "write_results", "cmd_bench", "RESULTS_DIR"]
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def machine_info() -> dict:
+    """CPU, cores, memory, GPU and library versions."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "fbsemlib": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "parallelproj": parallelproj_available(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:
+        pass
+    for mod in ("scipy", "astra"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info
+
+
+def time_callable(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, sync: bool = False) -> dict:
+    """Median and spread of the wall time of ``fn`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
+
+
+def write_results(name: str, rows: list[dict], out_dir: str | Path | None = None, extra: dict | None = None) -> Path:
+    """Write ``{machine, rows, ...}`` to ``<out_dir>/<name>.json`` atomically."""
+    out = Path(out_dir) if out_dir else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    doc = {"benchmark": name, "machine": machine_info(), "rows": rows, **(extra or {})}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=float))
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------------
+# projector
+# ----------------------------------------------------------------------------------------
+def _astra_fwd_adj(num_views: int, num_radial: int, n: int):
+    """ASTRA CPU Joseph (projector type 'linear') forward + back projection of one image."""
+    try:
+        import astra
+    except Exception:
+        return None
+    vg = astra.create_vol_geom(n, n)
+    pg = astra.create_proj_geom("parallel", 1.0, num_radial, np.linspace(0, np.pi, num_views, endpoint=False))
+    pid = astra.create_projector("linear", pg, vg)
+
+    def run(img: np.ndarray):
+        sid, s = astra.create_sino(img, pid)
+        bid, b = astra.create_backprojection(s, pid)
+        astra.data2d.delete(sid)
+        astra.data2d.delete(bid)
+        return s, b
+
+    return run
+
+
+def _scipy_csr(P: Projector):
+    import scipy.sparse as sp
+
+    from ._joseph import JosephSampler
+
+    s, e = P.lor_endpoints()
+    S = JosephSampler(s, e, P.grid)
+    r, c, v = S.triplets()
+    A = sp.csr_matrix((v.astype(np.float32), (r, c)), shape=(S.num_lors, P.grid.num_voxels))
+    return A, A.T.tocsr()
+
+
+def bench_projector(quick: bool = False, device: str | None = None, repeats: int | None = None) -> list[dict]:
+    """Forward + adjoint time per image (float32) at batch 1 and 16.
+
+    2D: a 128 x 128 parallel-beam geometry (180 views x 185 bins, 1 mm) -- torch matrix,
+    torch on-the-fly, scipy CSR and ASTRA's CPU Joseph -- and the 2D mMR geometry.
+    3D: an mMR-sized geometry with a ring-difference limit (on-the-fly), CPU and CUDA.
+    """
+    reps = repeats or (2 if quick else 7)
+    rows: list[dict] = []
+    n, nv, nb = (32, 45, 47) if quick else (128, 180, 185)
+    batches = (1, 4) if quick else (1, 16)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and device in (None, "cuda") else [])
+
+    # ---- 2D parallel beam vs ASTRA and scipy
+    geo = ParallelBeamGeometry(nv, nb, 1.0)
+    grid = ImageGrid((1, n, n), (1.0, 1.0, 1.0))
+    astra_run = _astra_fwd_adj(nv, nb, n)
+    t_astra = None
+    if astra_run is not None:
+        img = np.random.default_rng(0).random((n, n)).astype(np.float32)
+        t_astra = time_callable(lambda: astra_run(img), reps)["median_s"]
+        rows.append(dict(case=f"2D parallel {n}x{n}, {nv}x{nb}", impl="astra-cpu-joseph", device="cpu", batch=1,
+                         s_per_image=t_astra, ratio_to_astra=1.0))
+    P0 = Projector(geo, grid, backend="torch", method="matrix")
+    A, At = _scipy_csr(P0)
+    for B in batches:
+        X = np.random.default_rng(1).random((grid.num_voxels, B)).astype(np.float32)
+        t = time_callable(lambda: At @ (A @ X), reps)["median_s"] / B
+        rows.append(dict(case=f"2D parallel {n}x{n}, {nv}x{nb}", impl="scipy-csr", device="cpu", batch=B, s_per_image=t,
+                         ratio_to_astra=(t_astra / t) if t_astra else None))
+    for dev in devices:
+        for method in ("matrix", "on-the-fly"):
+            P = Projector(geo, grid, backend="torch", method=method, device=dev)
+            for B in batches:
+                x = torch.rand(B, 1, n, n, device=dev)
+                t = time_callable(lambda: P.adjoint(P(x)), reps, sync=dev == "cuda")["median_s"] / B
+                rows.append(dict(case=f"2D parallel {n}x{n}, {nv}x{nb}", impl=f"fbsemlib-torch-{method}", device=dev, batch=B,
+                                 s_per_image=t, ratio_to_astra=(t_astra / t) if t_astra else None))
+
+    # ---- 2D mMR
+    sino = sinogram_preset("tiny2d" if quick else "mmr2d")
+    g2 = ImageGrid((1, 32, 32), (2.0, 6.0, 6.0)) if quick else ImageGrid((1, 172, 172), (2.031, 2.086, 2.086))
+    for dev in devices:
+        for method in ("matrix", "on-the-fly"):
+            t0 = time.perf_counter()
+            P = Projector(sino, g2, backend="torch", method=method, device=dev)
+            P(torch.rand(1, *g2.shape, device=dev))
+            setup = time.perf_counter() - t0
+            for B in batches:
+                x = torch.rand(B, *g2.shape, device=dev)
+                t = time_callable(lambda: P.adjoint(P(x)), reps, sync=dev == "cuda")["median_s"] / B
+                rows.append(dict(case=f"2D mMR {g2.shape[1]}x{g2.shape[2]}, {sino.shape[1]}x{sino.shape[2]}",
+                                 impl=f"fbsemlib-torch-{method}", device=dev, batch=B, s_per_image=t, setup_s=setup))
+    if parallelproj_available():
+        P = Projector(sino, g2, backend="parallelproj")
+        x = torch.rand(1, *g2.shape)
+        t = time_callable(lambda: P.adjoint(P(x)), reps)["median_s"]
+        rows.append(dict(case="2D mMR", impl="parallelproj", device="cpu", batch=1, s_per_image=t))
+
+    # ---- 3D mMR-sized (on-the-fly)
+    if quick:
+        sino3, g3 = sinogram_preset("small3d", num_rings=4, max_ring_difference=1), ImageGrid((4, 24, 24), (4.0, 8.0, 8.0))
+    else:
+        sino3, g3 = sinogram_preset("mmr", max_ring_difference=2), ImageGrid((127, 172, 172), (2.031, 2.086, 2.086))
+    for dev in devices:
+        P = Projector(sino3, g3, backend="torch", method="on-the-fly", device=dev)
+        x = torch.rand(1, *g3.shape, device=dev)
+        tf = time_callable(lambda: P(x), 1 if not quick else reps, warmup=1, sync=dev == "cuda")["median_s"]
+        y = P(x)
+        ta = time_callable(lambda: P.adjoint(y), 1 if not quick else reps, warmup=0, sync=dev == "cuda")["median_s"]
+        rows.append(dict(case=f"3D mMR {g3.shape}, sinogram {sino3.shape}", impl="fbsemlib-torch-on-the-fly", device=dev,
+                         batch=1, s_per_image=tf + ta, forward_s=tf, adjoint_s=ta))
+    if parallelproj_available():
+        P = Projector(sino3, g3, backend="parallelproj")
+        x = torch.rand(1, *g3.shape)
+        t = time_callable(lambda: P.adjoint(P(x)), 1)["median_s"]
+        rows.append(dict(case=f"3D mMR {g3.shape}", impl="parallelproj", device="cpu", batch=1, s_per_image=t))
+    return rows
+
+
+PROJECTOR_COLUMNS = ["case", "impl", "device", "batch", "s_per_image", "ratio_to_astra"]
+
+
+def run_projector(quick: bool, out: str | None, device: str | None) -> Path:
+    rows = bench_projector(quick=quick, device=device)
+    print_table(rows, PROJECTOR_COLUMNS)
+    targets = {}
+    ast = {r["batch"]: r["ratio_to_astra"] for r in rows if r["impl"] == "fbsemlib-torch-matrix" and r["device"] == "cpu"
+           and r.get("ratio_to_astra")}
+    if ast:
+        b1, bN = min(ast), max(ast)
+        targets = {"speedup_vs_astra_batch1": ast[b1], "speedup_vs_astra_batchN": ast[bN],
+                   "target_batch1": 3.0, "target_batch16": 20.0,
+                   "met_batch1": ast[b1] >= 3.0, "met_batch16": ast[bN] >= 20.0}
+        print(json.dumps(targets))
+    return write_results("projector" + ("_quick" if quick else ""), rows, out, {"targets": targets})
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------
+BENCHES: dict[str, Callable] = {"projector": run_projector}
+
+
+def register(name: str, fn: Callable) -> None:
+    """Add a benchmark ``fn(quick, out, device) -> Path`` (used by other modules)."""
+    BENCHES[name] = fn
+
+
+def _load_all() -> None:
+    # benchmarks defined next to the code they measure register themselves on import
+    for mod in ("fbsemlib.memory", "fbsemlib.training", "fbsemlib.simulation"):
+        try:
+            __import__(mod)
+        except Exception:
+            pass
+
+
+def cmd_bench(args) -> int:
+    from .cli import UserError
+
+    _load_all()
+    which = args.which
+    names = list(BENCHES) if which == "all" else [which]
+    for name in names:
+        if name not in BENCHES:
+            raise UserError(f"unknown benchmark {name!r}; choose from {sorted(BENCHES)} or 'all'")
+    for name in names:
+        print(f"== {name}")
+        path = BENCHES[name](args.quick, args.out, args.device)
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,30 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fbsemlib.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_projector_benchmark_quick_writes_json(tmp_path):
+    assert main(["bench", "projector", "--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "projector_quick.json").read_text())
+    assert doc["benchmark"] == "projector_quick"
+    assert {"cpu", "cores", "torch"} <= set(doc["machine"])
+    impls = {r["impl"] for r in doc["rows"]}
+    assert {"fbsemlib-torch-matrix", "fbsemlib-torch-on-the-fly", "scipy-csr"} <= impls
+    assert all(r["s_per_image"] > 0 for r in doc["rows"])
+
+
+def test_benchmark_script_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "projector.py"), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "fbsemlib-torch-matrix" in r.stdout
+
+
+def test_unknown_benchmark_is_an_error(capsys):
+    assert main(["bench", "nope", "--quick"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
