@@ -17,6 +17,8 @@ from .forward_model import PETForwardModel, attenuation_factors, normalisation_f
 from .fusion import fuse
 from .recon import map_em, mlem, osem, postfilter
 from .fbsem import FBSEMNet, ModelConfig, RegulariserCNN
+from . import metrics
+from .priors import BowsherPrior, QuadraticPrior
 
 __version__ = "0.1.0"
 
@@ -45,4 +47,7 @@ __all__ = [
     "FBSEMNet",
     "ModelConfig",
     "RegulariserCNN",
+    "metrics",
+    "QuadraticPrior",
+    "BowsherPrior",
 ]
