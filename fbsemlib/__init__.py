@@ -19,6 +19,7 @@ from .recon import map_em, mlem, osem, postfilter
 from .fbsem import FBSEMNet, ModelConfig, RegulariserCNN
 from . import metrics
 from .priors import BowsherPrior, QuadraticPrior
+from .phantoms import Phantom, PhantomConfig, make_subject, make_subjects, shepp_logan, simple_phantom, load_brainweb
 
 __version__ = "0.1.0"
 
@@ -50,4 +51,11 @@ __all__ = [
     "metrics",
     "QuadraticPrior",
     "BowsherPrior",
+    "Phantom",
+    "PhantomConfig",
+    "make_subject",
+    "make_subjects",
+    "shepp_logan",
+    "simple_phantom",
+    "load_brainweb",
 ]
