@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .forward_model import PETForwardModel
 from .fusion import fuse
