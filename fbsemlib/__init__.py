@@ -17,9 +17,13 @@ from .forward_model import PETForwardModel, attenuation_factors, normalisation_f
 from .fusion import fuse
 from .recon import map_em, mlem, osem, postfilter
 from .fbsem import FBSEMNet, ModelConfig, RegulariserCNN
+from .training import EndToEndTrainer, SequentialTrainer, TrainConfig, load_trained
 from . import metrics
 from .priors import BowsherPrior, QuadraticPrior
 from .phantoms import Phantom, PhantomConfig, make_subject, make_subjects, shepp_logan, simple_phantom, load_brainweb
+from .config import ConfigError, load_experiment
+from .datasets import DatasetError, PETDataset, open_dataset, validate_dataset
+from .simulation import DataConfig, cached_dataset, simulate_dataset
 
 __version__ = "0.1.0"
 
@@ -48,6 +52,10 @@ __all__ = [
     "FBSEMNet",
     "ModelConfig",
     "RegulariserCNN",
+    "TrainConfig",
+    "EndToEndTrainer",
+    "SequentialTrainer",
+    "load_trained",
     "metrics",
     "QuadraticPrior",
     "BowsherPrior",
@@ -58,4 +66,13 @@ __all__ = [
     "shepp_logan",
     "simple_phantom",
     "load_brainweb",
+    "ConfigError",
+    "load_experiment",
+    "DatasetError",
+    "PETDataset",
+    "open_dataset",
+    "validate_dataset",
+    "DataConfig",
+    "cached_dataset",
+    "simulate_dataset",
 ]

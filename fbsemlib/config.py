@@ -1,0 +1,279 @@
+"""Experiment configuration files (YAML), shared by the CLI, the notebooks and the tests.
+
+An experiment file is a YAML mapping of *sections*::
+
+    data:      # the simulation recipe -> fbsemlib.simulation.DataConfig
+      scanner: small2d
+      ...
+    model:     # read by the model / training code
+      ...
+    train:
+      ...
+
+:func:`load_experiment` reads the file and returns the sections as a plain ``dict``; it
+validates nothing inside them (every section belongs to the code that reads it) and
+keeps sections it does not know. Each consumer turns its section into its own
+dataclass with :func:`from_dict`, which
+
+* rejects unknown keys with a message naming the key and the section,
+* converts YAML values to the annotated field types (lists -> tuples, ``1e6`` written
+  without a dot, which YAML reads as a string, -> float, nested dataclasses),
+* rejects values of the wrong type (``num_subjects: "ten"``), and
+* runs the dataclass's own ``__post_init__`` validation (ranges, consistency),
+  re-raising its message prefixed with the section name.
+
+:func:`to_dict` is the inverse (tuples -> lists), suitable for YAML / JSON.
+
+Errors are :class:`ConfigError`, a ``ValueError`` that the CLI prints as
+``error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .cli import UserError
+
+__all__ = ["ConfigError", "load_experiment", "load_section", "from_dict", "to_dict"]
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or section is invalid (printed by the CLI, exit status 2)."""
+
+
+def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an experiment YAML file and return its sections ``{name: mapping}``.
+
+    Every top-level value must be a mapping (or empty, which gives ``{}``). Sections are
+    returned as they are (unknown sections are kept for other consumers)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config path {str(p)!r} is a directory, expected a YAML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from e
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {str(p)!r} must be a mapping of sections (data:, model:, train:, ...), "
+                          f"got {type(doc).__name__}")
+    out: dict[str, Any] = {}
+    for name, section in doc.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"config file {str(p)!r}: section names must be strings, got {name!r}")
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {str(p)!r}: section {name!r} must be a mapping, got "
+                              f"{type(section).__name__}")
+        out[name] = section
+    return out
+
+
+def load_section(path: str | os.PathLike, section: str, cls: type | None = None, required: bool = True):
+    """Section ``section`` of experiment file ``path``; converted with :func:`from_dict`
+    when ``cls`` is given. A missing section is an error when ``required``, else ``{}``
+    (or ``cls()``)."""
+    sections = load_experiment(path)
+    if section not in sections:
+        if required:
+            raise ConfigError(f"config file {str(path)!r} has no {section!r} section "
+                              f"(sections: {sorted(sections) or 'none'})")
+        d: dict = {}
+    else:
+        d = sections[section]
+    return from_dict(cls, d, section) if cls is not None else d
+
+
+# ----------------------------------------------------------------------------------------
+# dataclass <-> dict
+# ----------------------------------------------------------------------------------------
+_NONE = type(None)
+
+
+def _type_name(tp) -> str:
+    if tp is _NONE:
+        return "null"
+    if isinstance(tp, type):
+        return {"int": "integer", "float": "number", "str": "string", "bool": "boolean",
+                "dict": "mapping", "list": "list", "tuple": "list"}.get(tp.__name__, tp.__name__)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        inner = args[0] if args else Any
+        return f"list of {_type_name(inner)}"
+    if origin is dict:
+        return "mapping"
+    return str(tp)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value, tp, where: str):
+    """Convert a YAML value to type ``tp`` or raise ``_Mismatch``."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and _NONE in args:
+            return None
+        errors = []
+        # try the non-None alternatives in order; exact type matches first
+        alts = [a for a in args if a is not _NONE]
+        for a in sorted(alts, key=lambda a: 0 if (isinstance(a, type) and type(value) is a) else 1):
+            try:
+                return _convert(value, a, where)
+            except _Mismatch as e:
+                errors.append(str(e))
+        raise _Mismatch(f"expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch(f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
+    if tp is _NONE:
+        if value is None:
+            return None
+        raise _Mismatch(f"expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch(f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(f) and f == int(f):
+                    return int(f)
+        raise _Mismatch(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Mismatch(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Mismatch(f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch(f"expected a string, got {value!r}")
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch(f"expected {_type_name(tp)}, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Mismatch(f"expected {_type_name(tp)}, got {len(value)} values {list(value)!r}")
+            conv = [_convert(v, a, where) for v, a in zip(value, args)]
+        else:
+            inner = args[0] if args else Any
+            conv = [_convert(v, inner, where) for v in value]
+        return tuple(conv) if (origin is tuple or tp is tuple) else list(conv)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch(f"expected a mapping, got {value!r}")
+        if args:
+            kt, vt = args
+            return {_convert(k, kt, where): _convert(v, vt, where) for k, v in value.items()}
+        return dict(value)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise _Mismatch(f"expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch(f"expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls, d: Mapping[str, Any] | None, section_name: str):
+    """Build dataclass ``cls`` from mapping ``d`` (a config section).
+
+    Raises :class:`ConfigError` naming the key and ``section_name`` for an unknown key, a
+    value of the wrong type, or a value the dataclass's own validation rejects.
+    Missing keys take the dataclass defaults (a missing required field is an error)."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    if d is None:
+        d = {}
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"section {section_name!r} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"unknown key {k!r} in section {section_name!r} (allowed keys: {', '.join(sorted(fields))})")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # pragma: no cover - unresolved forward references
+        hints = {n: f.type for n, f in fields.items()}
+    kwargs = {}
+    for k, v in d.items():
+        where = f"{section_name}.{k}"
+        try:
+            kwargs[k] = _convert(v, hints.get(k, Any), where)
+        except _Mismatch as e:
+            raise ConfigError(f"invalid value for key {k!r} in section {section_name!r}: {e}") from None
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key {missing[0]!r} in section {section_name!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid section {section_name!r}: {e}") from None
+
+
+def to_dict(obj) -> Any:
+    """Dataclass (or nested containers of them) -> plain dicts / lists / scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return obj.item()
+    return obj
