@@ -26,8 +26,9 @@ sinograms ``(P, V, R)`` = ``(planes, views, radial)``; all images float32 unless
     /images/mu_map          (N, Z, Y, X)   attenuation coefficients, 1/mm
     /images/mr              (N, Z, Y, X)   synthetic T1 MR image
     /images/brain_mask      (N, Z, Y, X)   uint8 (0/1)
-    /images/lesion_mask_pet (N, Z, Y, X)   uint8: 0 background, 1 hot, 2 cold PET lesion
-    /images/lesion_mask_mr  (N, Z, Y, X)   uint8: the same for the MR lesions
+    /images/lesion_mask_pet (N, Z, Y, X)   uint8 labels: 0 = no lesion, i + 1 = lesion i of
+                                           lesion_info[n] (present in PET; kind, contrast there)
+    /images/lesion_mask_mr  (N, Z, Y, X)   uint8 labels, the same for the MR lesions
     /images/targets         (N, K, Z, Y, X) iteration-dependent targets: OSEM sub-iterate
                                            k = 1..K of the noise-free data ``ybar``
     /images/target_final    (N, Z, Y, X)   high-count reference reconstruction
@@ -154,10 +155,14 @@ class DatasetInfo:
     @cached_property
     def recipe(self):
         """The recipe as a :class:`fbsemlib.simulation.DataConfig`."""
+        from .config import ConfigError, from_dict
         from .simulation import DataConfig
-        from .config import from_dict
 
-        return from_dict(DataConfig, self.manifest["recipe"], "data")
+        try:
+            return from_dict(DataConfig, self.manifest["recipe"], "data")
+        except ConfigError as e:
+            raise DatasetError(f"the recipe of dataset {str(self.path)!r} is not readable by this fbsemlib "
+                               f"version: {e}") from None
 
     @property
     def recipe_hash(self) -> str:
@@ -595,7 +600,8 @@ class PETDataset(torch.utils.data.Dataset):
 
     def extra(self, i: int, keys=None) -> dict:
         """Arrays of sample ``i`` outside the training contract, as tensors ``(1, ...)``:
-        ``mu_map``, ``lesion_mask_pet``, ``lesion_mask_mr`` (uint8 labels: 1 hot, 2 cold),
+        ``mu_map``, ``lesion_mask_pet``, ``lesion_mask_mr`` (uint8 labels: ``i + 1`` =
+        lesion ``i`` of :meth:`lesion_info`),
         ``attenuation``, ``ybar`` (noise-free data), ``normalisation``."""
         idx = self._check_index(i)
         fi, im, _ = self._index[idx]

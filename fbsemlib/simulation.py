@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import functools
 import hashlib
 import json
@@ -950,7 +951,7 @@ def cmd_simulate(args) -> int:
     except PermissionError as e:
         raise UserError(f"output folder {args.out!r} cannot be written: {e}") from None
     except OSError as e:
-        if e.errno in (13, 30):  # EACCES, EROFS
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise UserError(f"output folder {args.out!r} cannot be written: {e}") from None
         raise
     s = info.summary()

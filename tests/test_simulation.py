@@ -129,10 +129,17 @@ def test_split_fractions():
 def test_poisson_statistics():
     """Mean and variance of the noisy data match the expected data over many realisations."""
     cfg = tiny(slices_per_subject=1, rotations_per_slice=1, noise_realisations={"test": 400},
-               counts_range=[3e5, 3e5])
+               counts_range=[3e5, 3e5], psf_fwhm_mm=8.0)
     ctx = SimulationContext(cfg)
+    assert ctx.projector.psf is not None
     res = simulate_subject(ctx, 0, "test")
     ybar = res["sinograms"]["ybar"][0].astype(np.float64)
+    # the noise-free data is m * A G x + b (PSF in the projector)
+    x = torch.from_numpy(res["images"]["activity"][0])
+    model = PETForwardModel(ctx.projector, torch.from_numpy(res["sinograms"]["multiplicative"][0]),
+                            torch.from_numpy(res["sinograms"]["additive"][0]))
+    np.testing.assert_allclose(model.expected(x).numpy(), ybar, rtol=1e-5, atol=1e-4 * ybar.max())
+    assert abs(ybar.sum() / 3e5 - 1) < 1e-4
     y = res["samples"]["y"].astype(np.float64)
     R = y.shape[0]
     assert R == 400
@@ -369,3 +376,19 @@ def test_cli_read_only_output(tmp_path, capsys, monkeypatch):
     assert rc == 2
     assert "not writable" in capsys.readouterr().err
     assert not (ro / "o").exists()
+
+
+@pytest.mark.slow
+def test_3d_recipe(tmp_path):
+    """A (very small) 3D recipe: several rings, oblique planes."""
+    cfg = from_dict(DataConfig, dict(
+        name="t3d", scanner="small3d", num_rings=2, image_shape=[2, 24, 24], voxel_size_mm=[4.0, 9.0, 9.0],
+        phantom={"template_resolution": 2, "num_lesions_3d": [0, 0]}, num_subjects=1, split={"test": 1},
+        counts_range=[9e7, 1.2e8], num_iterations=2, num_subsets=1, compression="lzf"), "data")
+    simulate_dataset(cfg, tmp_path / "t3d", progress=False)
+    ds = PETDataset(tmp_path / "t3d", "test")
+    s = ds[0]
+    assert tuple(s["y"].shape) == (1, 4, 96, 111) and tuple(s["targets"].shape) == (2, 1, 2, 24, 24)
+    P = ds.make_projector()
+    ybar = s["multiplicative"] * P(s["activity"]) + s["additive"]
+    assert abs(float(ybar.sum()) / ds.info(0)["counts"] - 1) < 1e-3
