@@ -953,6 +953,9 @@ def cmd_simulate(args) -> int:
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise UserError(f"output folder {args.out!r} cannot be written: {e}") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left while writing {args.out!r} ({e}); the finished subjects stay in "
+                            f"{args.out}.tmp-*: free some space and rerun to resume") from None
         raise
     s = info.summary()
     sp = s.get("splits", {})

@@ -128,7 +128,7 @@ def test_split_fractions():
 # ----------------------------------------------------------------------------------------
 def test_poisson_statistics():
     """Mean and variance of the noisy data match the expected data over many realisations."""
-    cfg = tiny(slices_per_subject=1, rotations_per_slice=1, noise_realisations={"test": 400},
+    cfg = tiny(slices_per_subject=1, rotations_per_slice=1, noise_realisations={"test": 200},
                counts_range=[3e5, 3e5], psf_fwhm_mm=8.0)
     ctx = SimulationContext(cfg)
     assert ctx.projector.psf is not None
@@ -142,7 +142,7 @@ def test_poisson_statistics():
     assert abs(ybar.sum() / 3e5 - 1) < 1e-4
     y = res["samples"]["y"].astype(np.float64)
     R = y.shape[0]
-    assert R == 400
+    assert R == 200
     assert np.all(y >= 0) and np.all(y == np.round(y))
     assert not np.array_equal(y[0], y[1])
     sel = ybar > 5
