@@ -24,6 +24,7 @@ from .phantoms import Phantom, PhantomConfig, make_subject, make_subjects, shepp
 from .config import ConfigError, load_experiment
 from .datasets import DatasetError, PETDataset, open_dataset, validate_dataset
 from .simulation import DataConfig, cached_dataset, simulate_dataset
+from .memory import MemoryProblem, MemoryReport, MemorySpec, measure_training_memory, memory_problem
 
 __version__ = "0.1.0"
 
@@ -75,4 +76,9 @@ __all__ = [
     "DataConfig",
     "cached_dataset",
     "simulate_dataset",
+    "MemoryProblem",
+    "MemoryReport",
+    "MemorySpec",
+    "measure_training_memory",
+    "memory_problem",
 ]
