@@ -213,10 +213,10 @@ class DatasetInfo:
         """The projector the data was simulated with (same geometry, grid and PSF). Its
         ordered-subset projectors are built once and cached (``subset(m, M)`` returns the
         same object on every call), so repeated OSEM / unrolled runs do not rebuild them."""
-        from .simulation import _caching_projector_class
+        from .projector import Projector
 
-        return _caching_projector_class()(self.geometry, self.grid, backend=backend, device=device,
-                                          psf_fwhm_mm=self.psf_fwhm_mm, **kwargs)
+        return Projector(self.geometry, self.grid, backend=backend, device=device, psf_fwhm_mm=self.psf_fwhm_mm,
+                         **kwargs)
 
     def summary(self) -> dict:
         return dict(self.manifest.get("summary", {}))

@@ -95,6 +95,7 @@ class Projector(LinearOperator):
         self._start, self._end = sinogram.lor_endpoints(torch.float64)
         self._sampler = None
         self._matrices: dict = {}
+        self._subset_cache: dict = {}
         self._otf = None
         self.method = None
         if backend == "torch":
@@ -129,8 +130,13 @@ class Projector(LinearOperator):
         return self._start.clone(), self._end.clone()
 
     def subset(self, m: int, num_subsets: int) -> "Projector":
-        """Projector onto views ``m, m + num_subsets, ...`` (ordered subsets)."""
-        return Projector(self.sinogram.subset(m, num_subsets), self.grid, self.backend, self._device, **self._options)
+        """Projector onto views ``m, m + num_subsets, ...`` (ordered subsets). Subset
+        projectors are built once and kept (their system matrices are reused)."""
+        key = (int(m), int(num_subsets))
+        if key not in self._subset_cache:
+            self._subset_cache[key] = Projector(self.sinogram.subset(m, num_subsets), self.grid, self.backend,
+                                                self._device, **self._options)
+        return self._subset_cache[key]
 
     def subsets(self, num_subsets: int) -> list["Projector"]:
         return [self.subset(m, num_subsets) for m in range(num_subsets)]

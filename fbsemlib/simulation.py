@@ -64,7 +64,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import errno
-import functools
 import hashlib
 import json
 import math
@@ -81,6 +80,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, from_dict, load_experiment, to_dict
+from .projector import Projector
 from .datasets import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -440,36 +440,17 @@ def split_subjects(cfg: DataConfig) -> dict[str, list[int]]:
 # ----------------------------------------------------------------------------------------
 # simulation
 # ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _caching_projector_class():
-    from .projector import Projector
-
-    class _CachingProjector(Projector):
-        """A :class:`Projector` whose ordered-subset projectors (and so their system
-        matrices) are built once and reused by every OSEM run of the simulation."""
-
-        def subset(self, m: int, num_subsets: int):
-            cache = self.__dict__.setdefault("_fbsem_subset_cache", {})
-            key = (int(m), int(num_subsets))
-            if key not in cache:
-                cache[key] = super().subset(m, num_subsets)
-            return cache[key]
-
-    return _CachingProjector
-
-
 _PROJECTORS: dict = {}
 
 
 def _projector(geometry: SinogramGeometry, grid: ImageGrid, psf_fwhm_mm, device):
-    """A cached caching projector (system matrices are built once per process)."""
+    """A cached projector (its system matrices, and its subsets', are built once per process)."""
     key = (json.dumps(geometry.to_dict(), sort_keys=True), json.dumps(grid.to_dict(), sort_keys=True),
            psf_fwhm_mm, str(torch.device(device)))
     if key not in _PROJECTORS:
         if len(_PROJECTORS) >= 4:
             _PROJECTORS.pop(next(iter(_PROJECTORS)))
-        _PROJECTORS[key] = _caching_projector_class()(geometry, grid, backend="torch", device=device,
-                                                      psf_fwhm_mm=psf_fwhm_mm)
+        _PROJECTORS[key] = Projector(geometry, grid, backend="torch", device=device, psf_fwhm_mm=psf_fwhm_mm)
     return _PROJECTORS[key]
 
 
@@ -809,7 +790,7 @@ def simulate_dataset(
 
     Returns the dataset's :class:`~fbsemlib.datasets.DatasetInfo`; its ``summary()`` holds
     subjects per split, samples, count range, disk size, time and whether it was reused."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
