@@ -172,6 +172,7 @@ class TrainConfig:
     lr_decay: float = 0.5
     lr_min_factor: float = 0.0  # cosine schedule: final lr = lr * lr_min_factor
     weight_decay: float = 0.0  # L2 on the CNN weights (never on rho)
+    rho_lr_factor: float = 1.0  # learning rate of the strengths rho = lr * rho_lr_factor
     grad_clip: float | None = None  # max global gradient norm
     seed: int = 0
     grad_checkpointing: bool = False  # end-to-end only: recompute each module in the backward pass
@@ -216,6 +217,8 @@ class TrainConfig:
             raise _err("lr", f"must be a positive number, got {self.lr!r}")
         if not _is_num(self.weight_decay) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise _err("weight_decay", f"must be a non-negative number, got {self.weight_decay!r}")
+        if not _is_num(self.rho_lr_factor) or not math.isfinite(self.rho_lr_factor) or self.rho_lr_factor <= 0:
+            raise _err("rho_lr_factor", f"must be a positive number, got {self.rho_lr_factor!r}")
         if self.lr_schedule not in ("constant", "cosine", "step"):
             raise _err("lr_schedule", f"must be 'constant', 'cosine' or 'step', got {self.lr_schedule!r}")
         if not _is_num(self.lr_decay) or not (0 < self.lr_decay <= 1):
@@ -274,8 +277,12 @@ def epoch_permutation(seed: int, stage: int, epoch: int, n: int) -> list[int]:
 
 
 class _Indexed(Dataset):
-    def __init__(self, ds):
-        self.ds = ds
+    """``(i, batch-dict)`` items; ``targets``: ``"all"`` keeps the ``(K, 1, Z, Y, X)``
+    targets, an integer ``k`` keeps only target ``k`` as ``"target"`` ``(1, Z, Y, X)`` (less
+    copying in sequential stages), ``None`` drops them."""
+
+    def __init__(self, ds, targets="all"):
+        self.ds, self.targets = ds, targets
 
     def __len__(self):
         return len(self.ds)
@@ -285,7 +292,12 @@ class _Indexed(Dataset):
         missing = [k for k in BATCH_KEYS if k not in item]
         if missing:
             raise KeyError(f"dataset item {i} lacks the key(s) {missing} (needed: {list(BATCH_KEYS)})")
-        return i, {k: item[k] for k in BATCH_KEYS}
+        out = {k: item[k] for k in ("y", "multiplicative", "additive", "mr", "target_final")}
+        if self.targets == "all":
+            out["targets"] = item["targets"]
+        elif self.targets is not None:
+            out["target"] = item["targets"][self.targets]
+        return i, out
 
 
 def _collate(items):
@@ -592,6 +604,7 @@ class _Trainer:
         if self.data_info is None:
             self.data_info = dataset_info(self.train_dataset)
         self._log: _RunLog | None = None
+        self._outer = tqdm(disable=True)
         self._elapsed0 = 0.0
         self._t0 = time.perf_counter()
         self.global_step = 0
@@ -632,8 +645,8 @@ class _Trainer:
         for cb in self.callbacks:
             cb(event, rec)
 
-    def _loader(self, ds, order: list[int]) -> DataLoader:
-        return DataLoader(_Indexed(ds), batch_sampler=_batches(order, self.config.batch_size),
+    def _loader(self, ds, order: list[int], targets="all") -> DataLoader:
+        return DataLoader(_Indexed(ds, targets), batch_sampler=_batches(order, self.config.batch_size),
                           num_workers=self.config.num_workers, collate_fn=_collate,
                           pin_memory=self.dev.type == "cuda")
 
@@ -648,7 +661,8 @@ class _Trainer:
 
     def _optimizer(self, cnn_params: list, rho: torch.nn.Parameter):
         c = self.config
-        groups = [{"params": cnn_params, "weight_decay": c.weight_decay}, {"params": [rho], "weight_decay": 0.0}]
+        groups = [{"params": cnn_params, "weight_decay": c.weight_decay},
+                  {"params": [rho], "weight_decay": 0.0, "lr": c.lr * c.rho_lr_factor}]
         opt = torch.optim.Adam(groups, lr=c.lr)
         total = c.epochs if self.mode == "end-to-end" else c.epochs_per_module
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -676,8 +690,12 @@ class _Trainer:
             return torch.cuda.max_memory_allocated(self.dev) / 2**20
         return None
 
-    def _step_targets(self, b: dict, k: int) -> torch.Tensor:
-        return b["target_final"] if self.config.targets == "final" else b["targets"][:, k]
+    def _stage_targets(self, k: int):
+        """What a sequential stage ``k`` loads: target ``k`` only (or none for the final target)."""
+        return None if self.config.targets == "final" else k
+
+    def _step_targets(self, b: dict) -> torch.Tensor:
+        return b["target_final"] if self.config.targets == "final" else b["target"]
 
     # -- configs / checkpoints -----------------------------------------------------------
     def configs(self) -> dict:
@@ -785,11 +803,19 @@ class _Trainer:
             self.global_step = int(ck["counters"]["global_step"])
             self.history = list(ck.get("history") or [])
             self._elapsed0 = float(ck.get("elapsed_s", 0.0))
+        if self.mode == "sequential":
+            total, done = self.K, 0 if ck is None else min(self.K, int(ck["counters"]["stage"]))
+        else:
+            total, done = self.config.epochs, 0 if ck is None else max(0, int(ck["counters"]["epoch"]))
+        unit = "modules" if self.mode == "sequential" else "epochs"
+        self._outer = tqdm(total=total, initial=min(done, total), desc=f"{self.mode} ({unit})",
+                           disable=not self.progress, dynamic_ncols=True)
         try:
             if ck is None or not ck.get("finished"):
                 self._run(ck)
             metrics = self._finish()
         finally:
+            self._outer.close()
             self._log.close()
             self._release()
         return metrics
@@ -891,6 +917,14 @@ class _Trainer:
                     "time_s": self._elapsed(), "peak_memory_mb": self._peak_mb()})
         self._log.write("epoch", {**rec, "gammas": g}, tb_step=self.global_step)
         self.history.append({"kind": "epoch", **rec})
+        post = {"train": f"{rec['train_loss']:.4g}"}
+        if rec.get("val_loss") is not None:
+            post["val"] = f"{rec['val_loss']:.4g}"
+        if self.mode == "sequential":
+            post["epoch"] = rec["epoch"] + 1
+        else:
+            self._outer.update()
+        self._outer.set_postfix(post)
         self._emit("epoch", rec)
 
 
@@ -1047,7 +1081,7 @@ class SequentialTrainer(_Trainer):
             order = list(range(len(ds)))
             with tqdm(total=len(_batches(order, self.config.batch_size)), desc=f"inputs of module {k + 1} ({split})",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
-                for idx, b in self._loader(ds, order):
+                for idx, b in self._loader(ds, order, targets=None):
                     b = self._to_dev(b)
                     ctx = self._prepare(b)
                     with self._autocast():
@@ -1075,7 +1109,7 @@ class SequentialTrainer(_Trainer):
             order = list(range(len(ds)))
             with tqdm(total=len(_batches(order, self.config.batch_size)), desc=f"inputs of module {k + 2} ({split})",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
-                for idx, b in self._loader(ds, order):
+                for idx, b in self._loader(ds, order, targets=None):
                     b = self._to_dev(b)
                     ctx = self._prepare(b)
                     with self._autocast():
@@ -1144,12 +1178,12 @@ class SequentialTrainer(_Trainer):
         ds = self.val_dataset
         cache = self._caches["validation"]
         tl, tn, tf, n = 0.0, 0.0, 0.0, 0
-        for idx, b in self._loader(ds, list(range(len(ds)))):
+        for idx, b in self._loader(ds, list(range(len(ds))), targets=self._stage_targets(k)):
             b = self._to_dev(b)
             ctx = self._prepare(b)
             with self._autocast():
                 out = net.step(k, cache.get(idx).to(self.dev), ctx).float()
-            t = self._step_targets(b, k)
+            t = self._step_targets(b)
             B = len(idx)
             tl += float(relative_mse(out, t)) * B
             tn += float(_nrmse(out, t).sum())
@@ -1216,14 +1250,14 @@ class SequentialTrainer(_Trainer):
             nb = len(_batches(order, c.batch_size))
             with tqdm(total=nb, desc=f"module {k + 1}/{K} epoch {epoch + 1}/{E}", disable=not self.progress,
                       leave=False, dynamic_ncols=True) as bar:
-                for idx, b in self._loader(self.train_dataset, order):
+                for idx, b in self._loader(self.train_dataset, order, targets=self._stage_targets(k)):
                     b = self._to_dev(b)
                     ctx = self._prepare(b)
                     x = train_cache.get(idx).to(self.dev)  # no graph: nothing flows into earlier modules
                     frozen_rho = net.rho.detach().clone()
                     with self._autocast():
                         out = net.step(k, x, ctx)
-                        loss = relative_mse(out.float(), self._step_targets(b, k))
+                        loss = relative_mse(out.float(), self._step_targets(b))
                     where = f"module {k + 1}, epoch {epoch + 1}, step {self.global_step + 1}"
                     self._check_finite_loss(loss, where)
                     opt.zero_grad(set_to_none=True)
@@ -1281,6 +1315,7 @@ class SequentialTrainer(_Trainer):
                "cache": self._where(), "time_s": self._elapsed(), "peak_memory_mb": self._peak_mb()}
         self._log.write("stage", rec, tb_step=self.global_step)
         self.history.append({"kind": "stage", **rec})
+        self._outer.update()
         self._emit("stage", rec)
         self._save_checkpoint(self._checkpoint_payload({"stage": k + 1, "epoch": 0}, stage_state=None,
                                                        extra={"stages_done": list(range(k + 1)),
