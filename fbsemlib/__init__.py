@@ -24,6 +24,8 @@ from .phantoms import Phantom, PhantomConfig, make_subject, make_subjects, shepp
 from .config import ConfigError, load_experiment
 from .datasets import DatasetError, PETDataset, open_dataset, validate_dataset
 from .simulation import DataConfig, cached_dataset, simulate_dataset
+from .baselines import BaselineConfig
+from .evaluation import evaluate
 from .memory import MemoryProblem, MemoryReport, MemorySpec, measure_training_memory, memory_problem
 
 __version__ = "0.1.0"
@@ -81,4 +83,6 @@ __all__ = [
     "MemorySpec",
     "measure_training_memory",
     "memory_problem",
+    "BaselineConfig",
+    "evaluate",
 ]

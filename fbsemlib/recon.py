@@ -119,17 +119,20 @@ def map_em(
         x <- fuse(x_em, x_reg, s_m, beta * w),   (x_reg, w) = prior.surrogate(x),
 
     ``prior.surrogate`` returning the surrogate centre and its voxel weight (see
-    :mod:`fbsemlib.priors`). ``beta = 0`` is OSEM."""
+    :mod:`fbsemlib.priors`). ``beta`` is a scalar or a tensor broadcastable to the
+    images (e.g. one value per batch item); ``beta = 0`` is OSEM."""
     _check(model, y, num_iterations, num_subsets)
-    if not (beta >= 0):
-        raise ValueError(f"beta must be non-negative, got {beta!r}")
+    beta_t = torch.as_tensor(beta, dtype=y.dtype, device=y.device)
+    if not bool(torch.isfinite(beta_t).all()) or bool((beta_t < 0).any()):
+        raise ValueError(f"beta must be finite and non-negative, got {beta!r}")
+    zero = not bool((beta_t != 0).any())
 
     def step(m, x, yk, s):
         x_em = m.em_update(x, yk, s)
-        if beta == 0:
+        if zero:
             return x_em
         x_reg, w = prior.surrogate(x)
-        return fuse(x_em, x_reg, s, beta * w)
+        return fuse(x_em, x_reg, s, beta_t * w)
 
     return _run(model, y, num_iterations, num_subsets, x0, step, return_iterates, progress, "MAP-EM")
 

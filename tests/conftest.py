@@ -25,3 +25,32 @@ requires_parallelproj = pytest.mark.skipif(not _pp(), reason="parallelproj not i
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def smoke_dataset(tmp_path_factory):
+    """The `smoke` recipe simulated once per test session (about 5 s)."""
+    from pathlib import Path
+
+    from fbsemlib.simulation import load_data_config, simulate_dataset
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_data_config(root / "data" / "smoke.yaml")
+    out = tmp_path_factory.mktemp("smoke") / "dataset"
+    simulate_dataset(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_model(smoke_dataset, tmp_path_factory):
+    """A sequentially trained smoke-profile FBSEM-Net (seconds)."""
+    from pathlib import Path
+
+    from fbsemlib.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("smoke_model") / "model"
+    rc = main(["train", "--config", str(root / "data" / "smoke.yaml"), "--data", str(smoke_dataset), "--out", str(out),
+               "--mode", "sequential", "--no-progress"])
+    assert rc == 0
+    return out
