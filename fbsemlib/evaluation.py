@@ -113,9 +113,10 @@ def _fbsem_recon(net, batch, device) -> torch.Tensor:
 
 
 def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig | None = None,
-             methods=("fbsem",) + BASELINE_METHODS, progress: bool = False, net=None) -> dict:
+             methods=("fbsem",) + BASELINE_METHODS, progress: bool = False, net=None, sweep_result=None) -> dict:
     """Evaluate a trained model (folder, or ``net``) and the baselines on the test split of
-    ``data_dir``. Returns ``{"rows", "summary", "bias_std", "sweep", "config"}``."""
+    ``data_dir``. Returns ``{"rows", "summary", "bias_std", "sweep", "config"}``. A
+    precomputed validation ``sweep_result`` skips the baseline sweep."""
     from .datasets import PETDataset
     from .training import load_trained
 
@@ -133,7 +134,10 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
             raise UserError("the model's geometry differs from the dataset's")
     cfg = baseline_config or BaselineConfig()
     base = [m for m in methods if m != "fbsem"]
-    sw = sweep(val, P, cfg, [m for m in base if m != "osem"], progress=progress) if base else None
+    if sweep_result is not None:
+        sw = sweep_result
+    else:
+        sw = sweep(val, P, cfg, [m for m in base if m != "osem"], progress=progress) if base else None
     best = dict(sw.best) if sw else {}
     best["osem"] = None
 

@@ -1,0 +1,209 @@
+"""Experiments as cached, reusable results (what the book's chapters call).
+
+Everything expensive is cached under :func:`fbsemlib.book.cache_dir` by a hash of
+exactly the configuration it depends on:
+
+* :func:`dataset`   -- a simulated dataset (``data:`` recipe) in ``data/generated`` or
+  ``$FBSEM_DATA_DIR`` (see :func:`fbsemlib.simulation.cached_dataset`);
+* :func:`train`     -- a trained FBSEM-Net: key = recipe hash + ``model`` + ``train`` +
+  mode + seed; stored in ``<cache>/runs/<name>-<hash>/`` (the trainer's output folder);
+* :func:`evaluate`  -- the evaluation of a run against the baselines: key = run +
+  baseline config; stored next to the run;
+* :func:`baseline_sweep` -- the baseline strength sweep of one split.
+
+So rebuilding the book after a text edit retrains nothing, and changing a parameter
+retrains only what depends on it. A run that was interrupted resumes from its checkpoint.
+
+Profiles are the experiment files ``data/{smoke,cpu,paper}.yaml``; :func:`load_profile`
+reads one and applies dotted overrides (``{"train.epochs": 3, "model.shared": True}``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .baselines import BaselineConfig, SweepResult
+from .baselines import sweep as _sweep
+from .config import from_dict, load_experiment
+
+__all__ = ["load_profile", "profile_path", "dataset", "train", "evaluate", "baseline_sweep", "config_hash",
+           "Run", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def profile_path(profile: str) -> Path:
+    """``data/<profile>.yaml`` (or ``profile`` itself when it is a path)."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    path = REPO_ROOT / "data" / f"{profile}.yaml"
+    if not path.exists():
+        choices = sorted(x.stem for x in (REPO_ROOT / "data").glob("*.yaml"))
+        raise ValueError(f"unknown profile {profile!r}; choose from {choices} or give a YAML path")
+    return path
+
+
+def load_profile(profile: str, overrides: dict[str, Any] | None = None) -> dict:
+    """The sections of an experiment file with dotted-key ``overrides`` applied."""
+    sections = copy.deepcopy(load_experiment(profile_path(profile)))
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        if len(parts) < 2:
+            raise ValueError(f"override keys are 'section.field', got {key!r}")
+        d = sections.setdefault(parts[0], {})
+        for p in parts[1:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = value
+    return sections
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _cache_root() -> Path:
+    from .book import cache_dir
+
+    return Path(cache_dir())
+
+
+def dataset(sections: dict, progress: bool = False) -> Path:
+    """The dataset of the ``data:`` recipe (simulated once, then reused)."""
+    from .simulation import DataConfig, cached_dataset
+
+    recipe = from_dict(DataConfig, sections["data"], "data")
+    return Path(cached_dataset(recipe, progress=progress).path)
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained model in the cache: its folder, configuration and final metrics."""
+
+    path: Path
+    mode: str
+    key: dict
+    metrics: dict
+
+    def load(self, device=None):
+        from .training import load_trained
+
+        return load_trained(self.path, device=device)
+
+    def logs(self, kind: str = "epochs"):
+        """Rows of ``log_<kind>.csv`` (steps, epochs, stages) as dicts of floats/str."""
+        import csv
+
+        path = self.path / f"log_{kind}.csv"
+        if not path.exists():
+            return []
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        out = []
+        for r in rows:
+            conv = {}
+            for k, v in r.items():
+                try:
+                    conv[k] = float(v)
+                except (TypeError, ValueError):
+                    conv[k] = v
+            out.append(conv)
+        return out
+
+
+def train(sections: dict, mode: str | None = None, seed: int | None = None, progress: bool = False,
+          device: str | None = None, data_dir: Path | None = None, name: str | None = None) -> Run:
+    """Train (or reuse) FBSEM-Net for ``sections`` (``model:``, ``train:``, ``data:``)."""
+    from .datasets import PETDataset
+    from .fbsem import FBSEMNet
+    from .simulation import DataConfig, recipe_hash
+    from .training import MODEL_NAME, TrainConfig, make_trainer, parse_model_section
+
+    model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
+    train_cfg = from_dict(TrainConfig, sections.get("train", {}), "train")
+    mode = mode or train_cfg.mode
+    if seed is not None:
+        train_cfg = dataclasses.replace(train_cfg, seed=int(seed))
+    train_cfg = dataclasses.replace(train_cfg, mode=mode)
+    data_dir = Path(data_dir) if data_dir is not None else dataset(sections, progress=progress)
+    recipe = from_dict(DataConfig, sections["data"], "data")
+    key = {"recipe": recipe_hash(recipe), "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "mode": mode,
+           "iterations": n_it, "subsets": n_sub, "device": str(device or "cpu")}
+    h = config_hash(key)
+    out = _cache_root() / "runs" / f"{name or recipe.name}-{mode}-{h}"
+    if not (out / MODEL_NAME).exists():
+        train_ds = PETDataset(data_dir, "train")
+        try:
+            val_ds = PETDataset(data_dir, "validation")
+        except Exception:
+            val_ds = None
+        dev = torch.device(device or "cpu")
+        projector = train_ds.make_projector(dev)
+        torch.manual_seed(train_cfg.seed)
+        net = FBSEMNet(projector, int(n_it or train_ds.num_iterations), int(n_sub or train_ds.num_subsets), model_cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "key.json").write_text(json.dumps(key, indent=2, default=str))
+        trainer = make_trainer(mode, model=net, train_dataset=train_ds, val_dataset=val_ds, config=train_cfg,
+                               out_dir=out, device=dev, progress=progress)
+        trainer.fit(resume=(out / "checkpoint.pt").exists())
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    return Run(out, mode, key, metrics)
+
+
+def baseline_sweep(data_dir: Path, config: BaselineConfig | None = None, split: str = "validation",
+                   device: str | None = None, progress: bool = False) -> SweepResult:
+    """Cached :func:`fbsemlib.baselines.sweep` of one split."""
+    from .datasets import PETDataset, open_dataset
+
+    cfg = config or BaselineConfig()
+    info = open_dataset(data_dir, checksums=False)
+    h = config_hash({"data": info.recipe_hash, "split": split, "config": cfg.to_dict()})
+    path = _cache_root() / "sweeps" / f"sweep-{split}-{h}.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        curves = {k: [tuple(p) for p in v] for k, v in d["curves"].items()}
+        return SweepResult(d["split"], curves, d["best"])
+    ds = PETDataset(data_dir, split)
+    res = _sweep(ds, ds.make_projector(device or "cpu"), cfg, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res.to_dict()))
+    os.replace(tmp, path)
+    return res
+
+
+def evaluate(run: Run | Path | None, data_dir: Path, config: BaselineConfig | None = None,
+             methods: tuple[str, ...] | None = None, device: str | None = None, progress: bool = False) -> dict:
+    """Cached :func:`fbsemlib.evaluation.evaluate` of a run (or of the baselines only when
+    ``run`` is None) on the test split."""
+    from .baselines import METHODS
+    from .datasets import open_dataset
+    from .evaluation import evaluate as _evaluate
+
+    cfg = config or BaselineConfig()
+    run_path = Path(run.path if isinstance(run, Run) else run) if run is not None else None
+    methods = tuple(methods or ((("fbsem",) if run_path else ()) + METHODS))
+    info = open_dataset(data_dir, checksums=False)
+    h = config_hash({"data": info.recipe_hash, "run": str(run_path), "baselines": cfg.to_dict(), "methods": methods})
+    path = (run_path if run_path else _cache_root() / "evaluations") / f"evaluation-{h}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t = time.time()
+    sw = baseline_sweep(data_dir, cfg, device=device, progress=progress) if len(methods) > 1 or "fbsem" not in methods else None
+    res = _evaluate(run_path, data_dir, device=device, baseline_config=cfg, methods=methods, progress=progress,
+                    sweep_result=sw)
+    res["time_s"] = time.time() - t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, default=float))
+    os.replace(tmp, path)
+    return res
