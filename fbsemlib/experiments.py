@@ -36,6 +36,7 @@ from .baselines import sweep as _sweep
 from .config import from_dict, load_experiment
 
 __all__ = ["load_profile", "profile_path", "dataset", "train", "evaluate", "baseline_sweep", "config_hash",
+           "named_run", "NAMED_RUNS",
            "Run", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -207,3 +208,32 @@ def evaluate(run: Run | Path | None, data_dir: Path, config: BaselineConfig | No
     tmp.write_text(json.dumps(res, default=float))
     os.replace(tmp, path)
     return res
+
+
+# ----------------------------------------------------------------------------------------
+# the runs of the paper's experiments (shared by the chapters and the results chapter)
+# ----------------------------------------------------------------------------------------
+#: name -> (mode, overrides of the profile); every chapter that needs one of these runs
+#: asks for it by name, so a run is trained once and reused by every chapter.
+NAMED_RUNS: dict[str, tuple[str, dict]] = {
+    # the original FBSEM-Net: one shared network, single final target, end-to-end
+    "original": ("end-to-end", {"model.shared": True, "train.targets": "final"}),
+    # iteration-dependent networks, single final target, end-to-end
+    "final-target": ("end-to-end", {"model.shared": False, "train.targets": "final"}),
+    # iteration-dependent networks and targets, end-to-end (full backpropagation)
+    "itdep-end-to-end": ("end-to-end", {"model.shared": False, "train.targets": "iteration-dependent"}),
+    # shared network with iteration-dependent targets, end-to-end
+    "shared-itdep": ("end-to-end", {"model.shared": True, "train.targets": "iteration-dependent"}),
+    # the 2022 paper's method: iteration-dependent networks and targets, sequential training
+    "sequential": ("sequential", {"model.shared": False, "train.targets": "iteration-dependent"}),
+}
+
+
+def named_run(profile: str, name: str, seed: int | None = None, overrides: dict | None = None,
+              progress: bool = False, device: str | None = None) -> Run:
+    """Train (or reuse) one of :data:`NAMED_RUNS` in ``profile`` (with extra ``overrides``)."""
+    if name not in NAMED_RUNS:
+        raise ValueError(f"unknown run {name!r}; choose from {sorted(NAMED_RUNS)}")
+    mode, ov = NAMED_RUNS[name]
+    sections = load_profile(profile, {**ov, **(overrides or {})})
+    return train(sections, mode, seed=seed, progress=progress, device=device, name=f"{sections['data']['name']}-{name}")
