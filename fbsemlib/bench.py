@@ -246,9 +246,183 @@ def run_projector(quick: bool, out: str | None, device: str | None) -> Path:
 
 
 # ----------------------------------------------------------------------------------------
+# training memory against K
+# ----------------------------------------------------------------------------------------
+MEMORY_KS = (1, 2, 5, 10, 20, 40, 60)
+
+
+def bench_memory(quick: bool = False, device: str | None = None) -> list[dict]:
+    """Peak memory of one training step for K unrolled modules, three modes: 2D (the
+    ``cpu`` profile's problem) and a small 3D volume on CPU; the paper-sized 3D volume on
+    CUDA when a GPU is present."""
+    from .experiments import profile_path
+    from .memory import measure_training_memory, memory_problem
+
+    Ks = (1, 2, 5) if quick else MEMORY_KS
+    cases = []
+    if quick:
+        cases.append(("2D smoke", "cpu", dict(config=None, dims="2d", width=4, depth=3)))
+        cases.append(("3D small", "cpu", dict(config=None, dims="3d", width=4, depth=3)))
+    else:
+        cases.append(("2D cpu profile", "cpu", dict(config=str(profile_path("cpu")), dims="2d")))
+        cases.append(("3D small (small3d, 8x48x48)", "cpu",
+                      dict(config=None, dims="3d", preset="small3d", image_shape=(8, 48, 48), width=16, depth=5)))
+        if torch.cuda.is_available() and device in (None, "cuda"):
+            cases.append(("3D paper-sized (mMR slab 127x172x172)", "cuda",
+                          dict(config=None, dims="3d", preset="mmr", max_ring_difference=2,
+                               image_shape=(127, 172, 172), batch_size=1, width=32, depth=5,
+                               projector_method="on-the-fly")))
+    rows = []
+    for name, dev, kw in cases:
+        cfg = kw.pop("config")
+        prob = memory_problem(cfg, device=dev, **kw)
+        for K in Ks:
+            for mode in ("end-to-end", "checkpointed", "sequential"):
+                r = measure_training_memory(prob, K, mode, device=dev)
+                rows.append(dict(case=name, device=dev, modules=K, mode=mode, peak_bytes=r.peak_bytes,
+                                 peak_mib=r.peak_bytes / 2**20, time_s=r.time_s, image_shape=list(r.image_shape),
+                                 batch_size=r.batch_size, width=r.width, depth=r.depth))
+    # reduction of sequential vs end-to-end at every K
+    for name in dict.fromkeys(r["case"] for r in rows):
+        for K in Ks:
+            e2e = next(r["peak_bytes"] for r in rows if r["case"] == name and r["modules"] == K and r["mode"] == "end-to-end")
+            for r in rows:
+                if r["case"] == name and r["modules"] == K:
+                    r["fraction_of_end_to_end"] = r["peak_bytes"] / e2e
+    return rows
+
+
+def memory_targets(rows: list[dict]) -> dict:
+    """Sequential flat in K (within 10 % from K = 5 to the largest K) and >= 98 % below
+    end-to-end at the largest K, per case."""
+    out = {}
+    for name in dict.fromkeys(r["case"] for r in rows):
+        seq = {r["modules"]: r["peak_bytes"] for r in rows if r["case"] == name and r["mode"] == "sequential"}
+        e2e = {r["modules"]: r["peak_bytes"] for r in rows if r["case"] == name and r["mode"] == "end-to-end"}
+        kmax = max(seq)
+        k5 = 5 if 5 in seq else min(seq)
+        flat = abs(seq[kmax] - seq[k5]) / seq[k5]
+        red = 1 - seq[kmax] / e2e[kmax]
+        out[name] = {"K_max": kmax, "sequential_change_from_K5": flat, "flat_within_10pct": flat <= 0.10,
+                     "reduction_at_K_max": red, "at_least_98pct": red >= 0.98}
+    return out
+
+
+def run_memory(quick: bool, out: str | None, device: str | None) -> Path:
+    rows = bench_memory(quick=quick, device=device)
+    print_table(rows, ["case", "device", "modules", "mode", "peak_mib", "fraction_of_end_to_end"])
+    targets = memory_targets(rows)
+    print(json.dumps(targets, indent=1))
+    return write_results("memory" + ("_quick" if quick else ""), rows, out, {"targets": targets})
+
+
+# ----------------------------------------------------------------------------------------
+# training time: sequential (cached inputs) vs end-to-end
+# ----------------------------------------------------------------------------------------
+def bench_training(quick: bool = False, device: str | None = None, repeats: int = 1) -> list[dict]:
+    """Wall time of training with the same number of epochs per module: end-to-end
+    (``epochs`` passes through all K modules) vs sequential (``epochs_per_module`` passes
+    per stage, cached inputs), on the ``smoke`` (quick) or ``cpu`` profile's data."""
+    import tempfile
+
+    from . import experiments as ex
+    from .datasets import PETDataset
+    from .fbsem import FBSEMNet
+    from .training import TrainConfig, make_trainer, parse_model_section
+    from .config import from_dict
+
+    profile = "smoke" if quick else "cpu"
+    epochs = 1 if quick else 2
+    sections = ex.load_profile(profile, {"train.epochs": epochs, "train.epochs_per_module": epochs,
+                                         "train.validation_every": 10**6, "train.checkpoint_every": 10**6})
+    data_dir = ex.dataset(sections)
+    train_ds = PETDataset(data_dir, "train")
+    dev = torch.device(device or "cpu")
+    P = train_ds.make_projector(dev)
+    # warm-up: build the subset system matrices once, outside the timings
+    item = train_ds[0]
+    with torch.no_grad():
+        FBSEMNet(P, train_ds.num_iterations, train_ds.num_subsets, parse_model_section(sections.get("model"))[0]).eval()(
+            item["y"][None].to(dev), item["multiplicative"][None].to(dev), item["additive"][None].to(dev),
+            item["mr"][None].to(dev))
+    rows = []
+    for mode in ("end-to-end", "sequential"):
+        ts = []
+        for rep in range(repeats):
+            model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
+            cfg = from_dict(TrainConfig, dict(sections["train"], mode=mode), "train")
+            torch.manual_seed(0)
+            net = FBSEMNet(P, train_ds.num_iterations, train_ds.num_subsets, model_cfg)
+            with tempfile.TemporaryDirectory() as tmp:
+                tr = make_trainer(mode, model=net, train_dataset=train_ds, val_dataset=None, config=cfg, out_dir=tmp,
+                                  device=dev, progress=False)
+                t = time.perf_counter()
+                tr.fit()
+                ts.append(time.perf_counter() - t)
+        rows.append(dict(profile=profile, mode=mode, epochs_per_module=epochs, modules=train_ds.num_modules,
+                         samples=len(train_ds), device=str(dev), time_s=statistics.median(ts),
+                         s_per_epoch_equivalent=statistics.median(ts) / epochs))
+    e2e = rows[0]["time_s"]
+    for r in rows:
+        r["ratio_to_end_to_end"] = r["time_s"] / e2e
+    return rows
+
+
+def run_training(quick: bool, out: str | None, device: str | None) -> Path:
+    rows = bench_training(quick=quick, device=device)
+    print_table(rows, ["profile", "mode", "modules", "samples", "epochs_per_module", "time_s", "ratio_to_end_to_end"])
+    ratio = rows[1]["ratio_to_end_to_end"]
+    targets = {"sequential_over_end_to_end": ratio, "target": 1.2, "met": ratio <= 1.2}
+    print(json.dumps(targets))
+    return write_results("training" + ("_quick" if quick else ""), rows, out, {"targets": targets})
+
+
+# ----------------------------------------------------------------------------------------
+# data simulation time
+# ----------------------------------------------------------------------------------------
+def bench_simulation(quick: bool = False, device: str | None = None) -> list[dict]:
+    """Time to simulate the ``smoke`` (quick) or ``cpu`` recipe in full, and one subject of
+    the ``paper`` recipe (extrapolated to all subjects; the full run takes long on a CPU)."""
+    import tempfile
+
+    from . import experiments as ex
+    from .config import from_dict
+    from .simulation import DataConfig, SimulationContext, simulate_dataset, simulate_subject, split_subjects
+
+    rows = []
+    for profile in (("smoke",) if quick else ("smoke", "cpu")):
+        cfg = from_dict(DataConfig, ex.load_profile(profile)["data"], "data")
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            info = simulate_dataset(cfg, Path(tmp) / "ds", progress=False, device=device or "cpu")
+            dt = time.perf_counter() - t
+            summ = info.summary()
+        rows.append(dict(recipe=profile, subjects=cfg.num_subjects, measured="full", time_s=dt,
+                         s_per_subject=dt / cfg.num_subjects, disk_mb=summ.get("disk_bytes", 0) / 2**20 if summ else None))
+    if not quick:
+        cfg = from_dict(DataConfig, ex.load_profile("paper")["data"], "data")
+        ctx = SimulationContext(cfg, device=device or "cpu")
+        split = split_subjects(cfg)
+        subj, sp = next((s, k) for k, v in split.items() for s in v)
+        t = time.perf_counter()
+        simulate_subject(ctx, subj, sp)
+        dt = time.perf_counter() - t
+        rows.append(dict(recipe="paper", subjects=cfg.num_subjects, measured="one subject (extrapolated)",
+                         time_s=dt * cfg.num_subjects, s_per_subject=dt, disk_mb=None))
+    return rows
+
+
+def run_simulation(quick: bool, out: str | None, device: str | None) -> Path:
+    rows = bench_simulation(quick=quick, device=device)
+    print_table(rows, ["recipe", "subjects", "measured", "time_s", "s_per_subject", "disk_mb"])
+    return write_results("simulation" + ("_quick" if quick else ""), rows, out)
+
+
+# ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
-BENCHES: dict[str, Callable] = {"projector": run_projector}
+BENCHES: dict[str, Callable] = {"projector": run_projector, "memory": run_memory, "training": run_training,
+                                "simulation": run_simulation}
 
 
 def register(name: str, fn: Callable) -> None:
@@ -256,19 +430,9 @@ def register(name: str, fn: Callable) -> None:
     BENCHES[name] = fn
 
 
-def _load_all() -> None:
-    # benchmarks defined next to the code they measure register themselves on import
-    for mod in ("fbsemlib.memory", "fbsemlib.training", "fbsemlib.simulation"):
-        try:
-            __import__(mod)
-        except Exception:
-            pass
-
-
 def cmd_bench(args) -> int:
     from .cli import UserError
 
-    _load_all()
     which = args.which
     names = list(BENCHES) if which == "all" else [which]
     for name in names:

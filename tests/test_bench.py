@@ -28,3 +28,18 @@ def test_benchmark_script_runs(tmp_path):
 def test_unknown_benchmark_is_an_error(capsys):
     assert main(["bench", "nope", "--quick"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_memory_training_simulation_benchmarks_quick(tmp_path):
+    for name in ("memory", "training", "simulation"):
+        assert main(["bench", name, "--quick", "--out", str(tmp_path)]) == 0
+        doc = json.loads((tmp_path / f"{name}_quick.json").read_text())
+        assert doc["rows"] and doc["machine"]["cores"]
+    mem = json.loads((tmp_path / "memory_quick.json").read_text())
+    modes = {r["mode"] for r in mem["rows"]}
+    assert modes == {"end-to-end", "checkpointed", "sequential"}
+    for case, t in mem["targets"].items():
+        assert t["flat_within_10pct"]  # sequential memory does not grow with K
+    tr = json.loads((tmp_path / "training_quick.json").read_text())
+    assert {r["mode"] for r in tr["rows"]} == {"end-to-end", "sequential"}
+    assert tr["targets"]["sequential_over_end_to_end"] > 0
