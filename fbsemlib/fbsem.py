@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .forward_model import PETForwardModel
 from .fusion import fuse
+from .operators import check_tensor
 from .projector import Projector
 
 __all__ = ["ModelConfig", "RegulariserCNN", "FBSEMNet", "UnrollContext", "target_weights", "relative_mse", "unrolled_loss"]
@@ -167,8 +168,16 @@ class FBSEMNet(nn.Module):
         """Build the :class:`UnrollContext` of a batch (no gradients needed here)."""
         P, M = self.projector, self.num_subsets
         dev = P.device
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
         if y.ndim != 5 or tuple(y.shape[-3:]) != tuple(P.out_shape) or y.shape[1] != 1:
             raise ValueError(f"y must have shape (B, 1, {', '.join(map(str, P.out_shape))}), got {tuple(y.shape)}")
+        check_tensor(y, "y", P.out_shape, device=dev, nonnegative=True)
+        for name, t in (("multiplicative", multiplicative), ("additive", additive)):
+            if t is not None:
+                check_tensor(t, name, P.out_shape, device=dev, nonnegative=True)
+        if mr is not None:
+            check_tensor(mr, "mr", P.in_shape, device=dev)
         if self.config.use_mr and mr is None:
             raise ValueError("this FBSEMNet uses an MR channel (model.use_mr) but mr is None")
         with torch.no_grad():
