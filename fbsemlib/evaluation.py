@@ -222,6 +222,8 @@ def cmd_evaluate(args) -> int:
     from .datasets import DatasetError
 
     out = args.out or args.model
+    if not Path(args.model).is_dir():
+        raise UserError(f"model folder {args.model!r} does not exist")
     try:
         res = evaluate(args.model, args.data, device=args.device, progress=True)
     except DatasetError as e:
