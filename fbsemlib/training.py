@@ -315,16 +315,17 @@ def _batches(order: list[int], batch_size: int) -> list[list[int]]:
 # sequential input cache
 # ----------------------------------------------------------------------------------------
 class _ImageCache:
-    """``N`` images ``(1, Z, Y, X)`` float32, in memory (a CPU tensor) or on disk (an
-    ``.npy`` memmap)."""
+    """``N`` arrays of shape ``shape`` (float32 or bool), in memory (a CPU tensor) or on disk
+    (an ``.npy`` memmap)."""
 
-    def __init__(self, n: int, shape: tuple[int, ...], where: str, path: Path | None = None):
-        self.n, self.shape, self.where, self.path = n, tuple(shape), where, path
+    def __init__(self, n: int, shape: tuple[int, ...], where: str, path: Path | None = None, dtype=torch.float32):
+        self.n, self.shape, self.where, self.path, self.dtype = n, tuple(shape), where, path, dtype
         if where == "memory":
-            self._t = torch.zeros((n,) + self.shape, dtype=torch.float32)
+            self._t = torch.zeros((n,) + self.shape, dtype=dtype)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._mm = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=(n,) + self.shape)
+            npd = np.bool_ if dtype == torch.bool else np.float32
+            self._mm = np.lib.format.open_memmap(str(path), mode="w+", dtype=npd, shape=(n,) + self.shape)
 
     def get(self, idx: torch.Tensor) -> torch.Tensor:
         if self.where == "memory":
@@ -332,7 +333,7 @@ class _ImageCache:
         return torch.from_numpy(np.ascontiguousarray(self._mm[idx.numpy()]))
 
     def set(self, idx: torch.Tensor, values: torch.Tensor) -> None:
-        v = values.detach().to("cpu", torch.float32)
+        v = values.detach().to("cpu", self.dtype)
         if self.where == "memory":
             self._t[idx] = v
         else:
@@ -347,7 +348,8 @@ class _ImageCache:
 
     def delete(self) -> None:
         if self.where == "disk":
-            del self._mm
+            if hasattr(self, "_mm"):
+                del self._mm
             try:
                 self.path.unlink()
             except OSError:
@@ -355,9 +357,24 @@ class _ImageCache:
         else:
             self._t = None
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.n * int(np.prod(self.shape)) * 4)
+
+@dataclass
+class _SplitCache:
+    """What stage ``k`` needs of every sample of a split, besides the measured data: the
+    input ``x_k`` and the per-sample context of :meth:`FBSEMNet.prepare` (sensitivity of
+    subset ``k % M``, FOV support, mean subset sensitivities, scaled MR), so that a stage
+    step needs no back-projection for the sensitivities."""
+
+    x: _ImageCache
+    sens: _ImageCache
+    support: _ImageCache
+    sens_mean: torch.Tensor  # (N, M)
+    mr: _ImageCache | None
+
+    def delete(self) -> None:
+        for c in (self.x, self.sens, self.support, self.mr):
+            if c is not None:
+                c.delete()
 
 
 # ----------------------------------------------------------------------------------------
@@ -1062,23 +1079,52 @@ class SequentialTrainer(_Trainer):
             else:
                 vox = int(np.prod(self.model.projector.in_shape))
                 n = sum(len(d) for d in self._splits().values())
-                need = 2 * n * vox * 4  # two generations during propagation
+                # x and the subset sensitivity, two generations each during propagation,
+                # the MR channel and the (bool) support
+                need = n * vox * (4 * 4 + 4 + 1)
                 self._cache_where = "memory" if need <= c.cache_memory_mb * 2**20 else "disk"
         return self._cache_where
 
-    def _new_cache(self, split: str, n: int, k: int) -> _ImageCache:
+    def _new_cache(self, split: str, n: int, name: str, dtype=torch.float32) -> _ImageCache:
         shape = (1,) + tuple(self.model.projector.in_shape)
-        return _ImageCache(n, shape, self._where(), self.out_dir / "cache" / f"{split}_x{k:03d}.npy")
+        path = self.out_dir / "cache" / f"{split}_{name}.npy"
+        return _ImageCache(n, shape, self._where(), path, dtype)
+
+    def _context(self, b: dict, idx: torch.Tensor, k: int, split: str):
+        """The :class:`~fbsemlib.fbsem.UnrollContext` of module ``k`` for a batch, from the
+        cache: only subset ``m = k % M`` is filled in (all that :meth:`FBSEMNet.step`
+        reads), so no sensitivity is recomputed. Equal to ``net.prepare(...)`` for module ``k``
+        (tested)."""
+        from .fbsem import UnrollContext
+        from .forward_model import PETForwardModel
+
+        net, c = self.model, self._caches[split]
+        M = net.num_subsets
+        m = k % M
+        sl = (Ellipsis, slice(m, None, M), slice(None)) if M > 1 else (Ellipsis,)
+        fm = PETForwardModel(net.subset_projectors[m], b["multiplicative"][sl], b["additive"][sl])
+        models, ys, sens, smean = [None] * M, [None] * M, [None] * M, [None] * M
+        models[m], ys[m] = fm, b["y"][sl]
+        sens[m] = c.sens.get(idx).to(self.dev)
+        smean[m] = c.sens_mean[idx, m].to(self.dev).view(-1, 1, 1, 1, 1)
+        support = c.support.get(idx).to(self.dev)
+        mr = None if c.mr is None else c.mr.get(idx).to(self.dev)
+        return UnrollContext(models, ys, sens, smean, mr, support, support.to(b["y"].dtype))
 
     @torch.no_grad()
     def _build_caches(self, k: int) -> None:
-        """Inputs ``x_k`` of every sample: modules ``0..k-1`` (eval mode) from ``x0``."""
+        """Inputs ``x_k`` of every sample (modules ``0..k-1``, eval mode, from ``x0``) and
+        the per-sample context of module ``k``."""
         self._drop_caches()
         net = self.model
         net.eval()
+        M = net.num_subsets
         for split, ds in self._splits().items():
-            cache = self._new_cache(split, len(ds), k)
-            order = list(range(len(ds)))
+            n = len(ds)
+            sc = _SplitCache(self._new_cache(split, n, f"x{k:03d}"), self._new_cache(split, n, f"sens{k:03d}"),
+                             self._new_cache(split, n, "support", torch.bool), torch.zeros(n, M),
+                             self._new_cache(split, n, "mr") if net.config.use_mr else None)
+            order = list(range(n))
             with tqdm(total=len(_batches(order, self.config.batch_size)), desc=f"inputs of module {k + 1} ({split})",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
                 for idx, b in self._loader(ds, order, targets=None):
@@ -1086,10 +1132,17 @@ class SequentialTrainer(_Trainer):
                     ctx = self._prepare(b)
                     with self._autocast():
                         x = net.run(ctx, modules=range(k))
-                    cache.set(idx, x.float())
+                    sc.x.set(idx, x.float())
+                    sc.sens.set(idx, ctx.sens[k % M])
+                    sc.support.set(idx, ctx.support)
+                    sc.sens_mean[idx] = torch.cat([s.reshape(-1, 1) for s in ctx.sens_mean], 1).cpu()
+                    if sc.mr is not None:
+                        sc.mr.set(idx, ctx.mr)
                     bar.update()
-            cache.flush()
-            self._caches[split] = cache
+            for cache in (sc.x, sc.sens, sc.support, sc.mr):
+                if cache is not None:
+                    cache.flush()
+            self._caches[split] = sc
         self._cache_stage = k
 
     @torch.no_grad()
@@ -1102,24 +1155,32 @@ class SequentialTrainer(_Trainer):
             return
         net = self.model
         net.eval()
-        new = {}
+        M = net.num_subsets
+        m_next = (k + 1) % M
         for split, ds in self._splits().items():
-            old = self._caches[split]
-            cache = self._new_cache(split, len(ds), k + 1)
-            order = list(range(len(ds)))
+            sc = self._caches[split]
+            n = len(ds)
+            x_new = self._new_cache(split, n, f"x{k + 1:03d}")
+            s_new = sc.sens if m_next == k % M else self._new_cache(split, n, f"sens{k + 1:03d}")
+            order = list(range(n))
             with tqdm(total=len(_batches(order, self.config.batch_size)), desc=f"inputs of module {k + 2} ({split})",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
                 for idx, b in self._loader(ds, order, targets=None):
                     b = self._to_dev(b)
-                    ctx = self._prepare(b)
+                    ctx = self._prepare(b)  # all subsets: gives the next module's sensitivity
                     with self._autocast():
-                        x = net.step(k, old.get(idx).to(self.dev), ctx)
-                    cache.set(idx, x.float())
+                        x = net.step(k, sc.x.get(idx).to(self.dev), ctx)
+                    x_new.set(idx, x.float())
+                    if s_new is not sc.sens:
+                        s_new.set(idx, ctx.sens[m_next])
                     bar.update()
-            cache.flush()
-            old.delete()
-            new[split] = cache
-        self._caches = new
+            x_new.flush()
+            sc.x.delete()
+            sc.x = x_new
+            if s_new is not sc.sens:
+                s_new.flush()
+                sc.sens.delete()
+                sc.sens = s_new
         self._cache_stage = k + 1
 
     def _drop_caches(self) -> None:
@@ -1140,7 +1201,7 @@ class SequentialTrainer(_Trainer):
         :meth:`fit`; use a ``"stage"`` callback to look at them during training."""
         if split not in self._caches:
             return None, None
-        return self._cache_stage, self._caches[split].all()
+        return self._cache_stage, self._caches[split].x.all()
 
     # -- stage pieces ----------------------------------------------------------------------------
     def _freeze_for(self, k: int) -> list:
@@ -1180,9 +1241,9 @@ class SequentialTrainer(_Trainer):
         tl, tn, tf, n = 0.0, 0.0, 0.0, 0
         for idx, b in self._loader(ds, list(range(len(ds))), targets=self._stage_targets(k)):
             b = self._to_dev(b)
-            ctx = self._prepare(b)
+            ctx = self._context(b, idx, k, "validation")
             with self._autocast():
-                out = net.step(k, cache.get(idx).to(self.dev), ctx).float()
+                out = net.step(k, cache.x.get(idx).to(self.dev), ctx).float()
             t = self._step_targets(b)
             B = len(idx)
             tl += float(relative_mse(out, t)) * B
@@ -1252,8 +1313,8 @@ class SequentialTrainer(_Trainer):
                       leave=False, dynamic_ncols=True) as bar:
                 for idx, b in self._loader(self.train_dataset, order, targets=self._stage_targets(k)):
                     b = self._to_dev(b)
-                    ctx = self._prepare(b)
-                    x = train_cache.get(idx).to(self.dev)  # no graph: nothing flows into earlier modules
+                    ctx = self._context(b, idx, k, "train")
+                    x = train_cache.x.get(idx).to(self.dev)  # no graph: nothing flows into earlier modules
                     frozen_rho = net.rho.detach().clone()
                     with self._autocast():
                         out = net.step(k, x, ctx)

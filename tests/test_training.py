@@ -207,6 +207,11 @@ def test_sequential_freezes_other_modules_and_caches_are_exact(tmp_path, shared)
                     ctx = net.prepare(b["y"], b["multiplicative"], b["additive"], b["mr"])
                     ref = net.run(ctx, modules=range(k + 1))
                 assert torch.allclose(X, ref, rtol=1e-5, atol=1e-6)
+                # the cached per-sample context of the next module equals prepare()'s
+                idx = torch.arange(len(ds))
+                light = trainer._context(b, idx, k + 1, "train")
+                with torch.no_grad():
+                    assert torch.equal(net.step(k + 1, X, light), net.step(k + 1, X, ctx))
                 checks["cache"] += 1
 
     trainer.callbacks.append(cb)
