@@ -36,7 +36,7 @@ from .baselines import sweep as _sweep
 from .config import from_dict, load_experiment
 
 __all__ = ["load_profile", "profile_path", "dataset", "train", "evaluate", "baseline_sweep", "config_hash",
-           "named_run", "NAMED_RUNS",
+           "named_run", "NAMED_RUNS", "baseline_config",
            "Run", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,13 +160,30 @@ def train(sections: dict, mode: str | None = None, seed: int | None = None, prog
     return Run(out, mode, key, metrics)
 
 
+def baseline_config(profile_or_sections) -> BaselineConfig:
+    """The ``baselines:`` section of a profile (name, path or loaded sections), or the
+    defaults when it has none."""
+    sections = profile_or_sections if isinstance(profile_or_sections, dict) else load_profile(str(profile_or_sections))
+    return from_dict(BaselineConfig, sections.get("baselines") or {}, "baselines")
+
+
+def _default_baselines(info) -> BaselineConfig:
+    """The ``baselines:`` section of the profile the dataset's recipe is named after."""
+    name = (info.recipe_dict or {}).get("name")
+    try:
+        return baseline_config(name) if name else BaselineConfig()
+    except (ValueError, OSError):
+        return BaselineConfig()
+
+
 def baseline_sweep(data_dir: Path, config: BaselineConfig | None = None, split: str = "validation",
                    device: str | None = None, progress: bool = False) -> SweepResult:
-    """Cached :func:`fbsemlib.baselines.sweep` of one split."""
+    """Cached :func:`fbsemlib.baselines.sweep` of one split (default config: the
+    ``baselines:`` section of the dataset's profile)."""
     from .datasets import PETDataset, open_dataset
 
-    cfg = config or BaselineConfig()
     info = open_dataset(data_dir, checksums=False)
+    cfg = config or _default_baselines(info)
     h = config_hash({"data": info.recipe_hash, "split": split, "config": cfg.to_dict()})
     path = _cache_root() / "sweeps" / f"sweep-{split}-{h}.json"
     if path.exists():
@@ -185,15 +202,16 @@ def baseline_sweep(data_dir: Path, config: BaselineConfig | None = None, split: 
 def evaluate(run: Run | Path | None, data_dir: Path, config: BaselineConfig | None = None,
              methods: tuple[str, ...] | None = None, device: str | None = None, progress: bool = False) -> dict:
     """Cached :func:`fbsemlib.evaluation.evaluate` of a run (or of the baselines only when
-    ``run`` is None) on the test split."""
+    ``run`` is None) on the test split (default baseline config: the ``baselines:``
+    section of the dataset's profile)."""
     from .baselines import METHODS
     from .datasets import open_dataset
     from .evaluation import evaluate as _evaluate
 
-    cfg = config or BaselineConfig()
+    info = open_dataset(data_dir, checksums=False)
+    cfg = config or _default_baselines(info)
     run_path = Path(run.path if isinstance(run, Run) else run) if run is not None else None
     methods = tuple(methods or ((("fbsem",) if run_path else ()) + METHODS))
-    info = open_dataset(data_dir, checksums=False)
     h = config_hash({"data": info.recipe_hash, "run": str(run_path), "baselines": cfg.to_dict(), "methods": methods})
     path = (run_path if run_path else _cache_root() / "evaluations") / f"evaluation-{h}.json"
     if path.exists():
