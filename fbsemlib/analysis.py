@@ -15,7 +15,8 @@ Used by the chapters "The original FBSEM-Net", "Iteration-dependent targets" and
 * Data outside the training distribution: :func:`variant_sections` builds the recipe of
   a second dataset of the SAME geometry and unrolled schedule (other counts, other
   lesions, other subjects), so that :func:`fbsemlib.experiments.evaluate` can run a
-  trained model on its test split; :func:`evaluate_fixed_strengths` evaluates the
+  trained model on its test split; :func:`ood_sections` gives the three test sets of the
+  book (low counts, high counts, new lesions); :func:`evaluate_fixed_strengths` evaluates the
   baselines there with strengths chosen on the TRAINING distribution (no new sweep);
   :func:`generalisation_table` and :func:`generalisation_verdict` compare training
   settings across such test sets.
@@ -56,6 +57,7 @@ __all__ = [
     "generalisation_verdict",
     "evaluate_fixed_strengths",
     "variant_sections",
+    "ood_sections",
     "GEOMETRY_KEYS",
 ]
 
@@ -465,3 +467,26 @@ def variant_sections(profile: str, suffix: str, data_overrides: Mapping[str, Any
     elif split is not None:
         ov["data.split"] = dict(split)
     return load_profile(profile, ov)
+
+
+def ood_sections(profile: str, low_counts: Sequence[float], high_counts: Sequence[float],
+                 new_lesions: Mapping[str, Any], num_subjects: int, realisations: int | None = None,
+                 seed: int = 1000) -> dict[str, dict]:
+    """The book's out-of-distribution test sets of ``profile`` (chapter "Iteration-dependent
+    targets"; the results chapter asks for the same ones): ``{"low counts", "high counts",
+    "new lesions"} -> experiment sections`` (:func:`variant_sections`), each with
+    ``num_subjects`` new subjects (one validation, the rest test): counts per sample in
+    ``low_counts`` / ``high_counts``, or lesions drawn with the
+    :class:`~fbsemlib.phantoms.PhantomConfig` overrides ``new_lesions``. ``realisations``:
+    noise realisations per test image (None: the profile's)."""
+    noise = {} if realisations is None else {
+        "noise_realisations": {"train": 1, "validation": 1, "test": int(realisations)}}
+    lesions = {f"phantom.{k}": v for k, v in dict(new_lesions).items()}
+    return {
+        "low counts": variant_sections(profile, "lowcounts", {"counts_range": list(low_counts), **noise},
+                                       seed=seed, num_subjects=num_subjects),
+        "high counts": variant_sections(profile, "highcounts", {"counts_range": list(high_counts), **noise},
+                                        seed=seed, num_subjects=num_subjects),
+        "new lesions": variant_sections(profile, "newlesions", {**lesions, **noise}, seed=seed,
+                                        num_subjects=num_subjects),
+    }

@@ -220,6 +220,22 @@ def test_variant_sections():
         an.variant_sections("smoke", "x", num_subjects=1)
 
 
+def test_ood_sections():
+    o = an.ood_sections("smoke", [1e4, 2e4], [1e8, 2e8], {"lesion_radius_mm": [6.0, 9.0]}, num_subjects=3,
+                        realisations=1)
+    assert list(o) == ["low counts", "high counts", "new lesions"]
+    assert [s["data"]["name"] for s in o.values()] == ["smoke-lowcounts", "smoke-highcounts", "smoke-newlesions"]
+    assert o["low counts"]["data"]["counts_range"] == [1e4, 2e4] and o["high counts"]["data"]["counts_range"] == [1e8, 2e8]
+    assert o["new lesions"]["data"]["phantom"]["lesion_radius_mm"] == [6.0, 9.0]
+    from fbsemlib.experiments import load_profile
+
+    base = load_profile("smoke")["data"]
+    assert o["new lesions"]["data"]["counts_range"] == base["counts_range"]  # the training counts
+    assert all(s["data"]["noise_realisations"]["test"] == 1 and s["data"]["num_subjects"] == 3 for s in o.values())
+    keep = an.ood_sections("smoke", [1e4, 2e4], [1e8, 2e8], {}, num_subjects=2)
+    assert keep["low counts"]["data"]["noise_realisations"] == load_profile("smoke")["data"]["noise_realisations"]
+
+
 def test_variant_dataset_evaluates_a_trained_model(smoke_dataset, smoke_model, tmp_path, monkeypatch):
     """A trained model runs on the test split of a dataset of the same geometry but other
     counts and subjects (what the generalisation experiment of the book does)."""
