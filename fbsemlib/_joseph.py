@@ -176,18 +176,31 @@ def csr_matmul(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class OnTheFly:
     """Chunked Joseph forward / adjoint evaluated with ``grid_sample``."""
 
-    def __init__(self, sampler: JosephSampler, max_chunk_samples: int = 1 << 22):
+    def __init__(self, sampler: JosephSampler, max_chunk_samples: int = 1 << 22, cache_bytes: int = 1 << 30):
         self.sampler = sampler
         self.max_chunk_samples = int(max_chunk_samples)
+        self.cache_bytes = int(cache_bytes)
         self._cache: dict = {}
 
     def _chunks(self, dtype, device):
+        """The sample grids of every chunk. Kept in memory (per dtype and device) when they
+        fit ``cache_bytes``; otherwise regenerated on every call, so memory stays bounded
+        by one chunk whatever the geometry size."""
         key = (dtype, str(device))
         if key in self._cache:
             return self._cache[key]
+        total = sum(ids.numel() * self.sampler.grid.shape[a] for a, ids in self.sampler.groups)
+        nbytes = total * (3 if self.sampler.grid.shape[0] > 1 else 2) * torch.finfo(dtype).bits // 8
+        gen = self._generate(dtype, device)
+        if nbytes > self.cache_bytes:
+            return gen
+        out = list(gen)
+        self._cache = {key: out}  # keep one dtype/device at a time (memory)
+        return out
+
+    def _generate(self, dtype, device):
         g = self.sampler.grid
         nz, ny, nx = g.shape
-        out = []
         for axis, ids_all in self.sampler.groups:
             n_a = g.shape[axis]
             chunk = max(1, self.max_chunk_samples // n_a)
@@ -203,9 +216,7 @@ class OnTheFly:
                 else:
                     gr = torch.stack([nx_, ny_], -1)
                 gr[~valid] = _OUTSIDE
-                out.append((ids.to(device), gr.to(dtype).to(device)[None], step.to(dtype).to(device)))
-        self._cache = {key: out}  # keep one dtype/device at a time (memory)
-        return out
+                yield ids.to(device), gr.to(dtype).to(device)[None], step.to(dtype).to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(N, nz, ny, nx)`` -> ``(N, num_lors)``."""
