@@ -46,6 +46,14 @@ Choices (stated here, and in the book):
   permutation drawn from ``SeedSequence([seed, k, e])``; nothing else in training is
   random. A resumed run reproduces an uninterrupted one exactly on CPU.
 
+Several processes (``torchrun``, DistributedDataParallel; :mod:`fbsemlib.distributed`):
+``batch_size`` is per process, each rank takes its part of every global batch of the same
+epoch order, gradients are averaged by DDP (rebuilt per sequential stage around the
+stage's trainable parameters), the sequential cache is computed per shard and all-gathered,
+validation runs on shards and is reduced, BatchNorm batch statistics are per rank, and only
+rank 0 writes files. A W-process run with per-rank batch ``b`` equals (up to rounding) a
+one-process run with batch ``W * b`` (without BatchNorm).
+
 Output folder (``out_dir``)::
 
     config.yaml        the resolved model / train / data sections and the mode
@@ -98,6 +106,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from . import distributed as _dist
 from .cli import UserError
 from .config import ConfigError, from_dict, load_experiment, to_dict
 from .fbsem import FBSEMNet, ModelConfig, relative_mse, target_weights, unrolled_loss
@@ -402,12 +411,14 @@ class _RunLog:
     """CSV + JSON-lines logs (and optional TensorBoard); line counts are stored in the
     checkpoints so that a resumed run first truncates what was logged after it."""
 
-    def __init__(self, out: Path, kinds: tuple[str, ...], tensorboard: bool, purge_step: int | None = None):
+    def __init__(self, out: Path, kinds: tuple[str, ...], tensorboard: bool, purge_step: int | None = None,
+                 enabled: bool = True):
         self.out = out
         self.kinds = kinds
+        self.enabled = enabled  # False: write nothing (ranks other than 0)
         self.counts = {k: 0 for k in kinds + ("json",)}
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except Exception:  # tensorboard not installed
@@ -418,6 +429,8 @@ class _RunLog:
 
     def start(self, counts: dict | None) -> None:
         """Fresh logs (``counts`` None) or logs truncated to ``counts`` lines."""
+        if not self.enabled:
+            return
         for kind in self.kinds + ("json",):
             path = self.out / _LOG_FILES[kind]
             n = 0 if counts is None else int(counts.get(kind, 0))
@@ -432,6 +445,8 @@ class _RunLog:
             self.counts[kind] = max(0, len(lines) - (1 if header else 0))
 
     def write(self, kind: str, rec: dict, tb_step: int | None = None) -> None:
+        if not self.enabled:
+            return
         with open(self.out / _LOG_FILES[kind], "a", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow([_fmt(rec.get(c)) for c in _CSV_COLUMNS[kind]])
         with open(self.out / _LOG_FILES["json"], "a", encoding="utf-8") as f:
@@ -597,6 +612,9 @@ class _Trainer:
         if self.config.mode != self.mode:
             self.config = dataclasses.replace(self.config, mode=self.mode)
         self.out_dir = Path(self.out_dir)
+        self._rank0 = _dist.is_rank0()  # several processes: only rank 0 writes files and shows progress
+        if not self._rank0:
+            self.progress = False
         pdev = self.model.projector.device
         if self.device is not None and not _same_device(torch.device(self.device), pdev):
             raise TrainingError(f"device {str(self.device)!r} differs from the projector's device {str(pdev)!r}: "
@@ -662,8 +680,10 @@ class _Trainer:
         for cb in self.callbacks:
             cb(event, rec)
 
-    def _loader(self, ds, order: list[int], targets="all") -> DataLoader:
-        return DataLoader(_Indexed(ds, targets), batch_sampler=_batches(order, self.config.batch_size),
+    def _loader(self, ds, order: list[int], targets="all", batches: list[list[int]] | None = None) -> DataLoader:
+        if batches is None:
+            batches = _batches(order, self.config.batch_size)
+        return DataLoader(_Indexed(ds, targets), batch_sampler=batches,
                           num_workers=self.config.num_workers, collate_fn=_collate,
                           pin_memory=self.dev.type == "cuda")
 
@@ -716,7 +736,7 @@ class _Trainer:
 
     # -- configs / checkpoints -----------------------------------------------------------
     def configs(self) -> dict:
-        return {
+        cfg = {
             "mode": self.mode,
             "model": self.model.config.to_dict(),
             "train": self.config.to_dict(),
@@ -727,6 +747,10 @@ class _Trainer:
             "dataset_sizes": {"train": len(self.train_dataset),
                               "validation": 0 if self.val_dataset is None else len(self.val_dataset)},
         }
+        if _dist.is_distributed():  # absent in one process (older checkpoints stay resumable)
+            cfg["distributed"] = {"world_size": _dist.world_size(),
+                                  "global_batch_size": _dist.world_size() * self.config.batch_size}
+        return cfg
 
     def _compatibility(self, saved: dict) -> list[str]:
         now = self.configs()
@@ -737,6 +761,8 @@ class _Trainer:
         diffs = []
         for key in ("mode", "model", "train", "structure", "data", "dataset_sizes"):
             diffs += _diff(saved.get(key), now.get(key), key)
+        one = lambda c: {"world_size": 1, "global_batch_size": (c.get("train") or {}).get("batch_size")}  # noqa: E731
+        diffs += _diff(saved.get("distributed") or one(saved), now.get("distributed") or one(now), "distributed")
         pa, pb = dict(saved.get("projector", {})), dict(now["projector"])
         pa.pop("backend", None), pb.pop("backend", None)
         diffs += _diff(pa, pb, "projector")
@@ -765,6 +791,8 @@ class _Trainer:
         }
 
     def _save_checkpoint(self, payload: dict) -> None:
+        if not self._rank0:
+            return
         path = atomic_torch_save(payload, self.out_dir / CHECKPOINT_NAME)
         self._emit("checkpoint", {"path": str(path), **payload["counters"]})
 
@@ -774,9 +802,13 @@ class _Trainer:
             ck = load_checkpoint(path, map_location="cpu")
         except Exception as e:
             raise TrainingError(f"cannot read checkpoint {str(path)!r}: {e}") from None
-        if ck.get("format") != CHECKPOINT_FORMAT or ck.get("format_version") != FORMAT_VERSION:
-            raise TrainingError(f"{str(path)!r} is not a training checkpoint of this fbsemlib version "
-                                f"(format {ck.get('format')!r} version {ck.get('format_version')!r})")
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"{str(path)!r} is not an fbsemlib training checkpoint (format {ck.get('format')!r})")
+        if ck.get("format_version") != FORMAT_VERSION:
+            raise TrainingError(f"cannot resume from {str(path)!r}: checkpoint format version "
+                                f"{ck.get('format_version')!r} (written by fbsemlib "
+                                f"{(ck.get('versions') or {}).get('fbsemlib', '?')}), this fbsemlib reads version "
+                                f"{FORMAT_VERSION}: resume with the version that wrote it or start a new run")
         diffs = self._compatibility(ck["configs"])
         if diffs:
             raise TrainingError(f"cannot resume from {str(path)!r}: the configuration differs from the checkpoint's: "
@@ -788,26 +820,20 @@ class _Trainer:
         """Train (or, with ``resume``, continue from ``out_dir/checkpoint.pt`` when it exists)
         and return the final metrics (also written to ``out_dir/metrics.json``)."""
         out = self.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt_path = out / CHECKPOINT_NAME
-        ck = None
-        if resume and ckpt_path.exists():
-            ck = self._load_resume()
-            if ck.get("finished") and (out / "metrics.json").exists() and (out / MODEL_NAME).exists():
-                self.model.load_state_dict(ck["model_state"])
-                return json.loads((out / "metrics.json").read_text())
-        elif not resume and (ckpt_path.exists() or (out / MODEL_NAME).exists()):
-            raise TrainingError(f"{str(out)!r} already holds a training run; resume it (--resume / fit(resume=True)) "
-                                "or choose another output folder")
+        ck, done = _dist.rank0_call(lambda: self._resume_point(resume))  # several processes: rank 0's, broadcast
+        if done is not None:
+            self.model.load_state_dict(ck["model_state"])
+            return done
         kinds = ("step", "epoch", "stage") if self.mode == "sequential" else ("step", "epoch")
         self._log = _RunLog(out, kinds, self.config.tensorboard, purge_step=None if ck is None
-                            else ck["counters"]["global_step"])
+                            else ck["counters"]["global_step"], enabled=self._rank0)
         if self.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.dev)
         self._t0 = time.perf_counter()
         if ck is None:
             self._log.start(None)
-            atomic_write_text(out / "config.yaml", _yaml_dump(self.configs()))
+            if self._rank0:
+                atomic_write_text(out / "config.yaml", _yaml_dump(self.configs()))
             import random
 
             random.seed(self.config.seed)
@@ -837,6 +863,22 @@ class _Trainer:
             self._release()
         return metrics
 
+    def _resume_point(self, resume: bool) -> tuple[dict | None, dict | None]:
+        """``(checkpoint to resume from or None, metrics of an already finished run or
+        None)``; creates the output folder. Run by rank 0 only in a multi-process run."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path = out / CHECKPOINT_NAME
+        ck = None
+        if resume and ckpt_path.exists():
+            ck = self._load_resume()
+            if ck.get("finished") and (out / "metrics.json").exists() and (out / MODEL_NAME).exists():
+                return ck, json.loads((out / "metrics.json").read_text())
+        elif not resume and (ckpt_path.exists() or (out / MODEL_NAME).exists()):
+            raise TrainingError(f"{str(out)!r} already holds a training run; resume it (--resume / fit(resume=True)) "
+                                "or choose another output folder")
+        return ck, None
+
     def _release(self) -> None:
         pass
 
@@ -853,7 +895,7 @@ class _Trainer:
         self.model.eval()
         tot = {"loss": 0.0, "nrmse_last_target": 0.0, "nrmse_reference": 0.0}
         n = 0
-        for idx, b in self._loader(ds, list(range(len(ds)))):
+        for idx, b in self._loader(ds, _dist.shard(range(len(ds)))):  # this rank's shard (all in one process)
             b = self._to_dev(b)
             ctx = self._prepare(b)
             with self._autocast():
@@ -866,6 +908,10 @@ class _Trainer:
             tot["nrmse_reference"] += float(_nrmse(outs[-1], b["target_final"]).sum())
             n += B
         self.model.train(was)
+        if _dist.is_distributed():
+            s = _dist.all_reduce_sums([tot["loss"], tot["nrmse_last_target"], tot["nrmse_reference"], n]).tolist()
+            tot = {"loss": s[0], "nrmse_last_target": s[1], "nrmse_reference": s[2]}
+            n = int(round(s[3]))
         return {k: v / max(n, 1) for k, v in tot.items()}
 
     def _e2e_loss(self, outs: list[torch.Tensor], b: dict) -> torch.Tensor:
@@ -910,10 +956,12 @@ class _Trainer:
             metrics["peak_memory_mb_per_stage_max"] = max(peaks) if peaks else None
         state = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "state_dict": self.model.state_dict(),
                  "configs": self.configs(), "versions": _versions(), "metrics": json.loads(json.dumps(metrics))}
-        atomic_torch_save(state, out / MODEL_NAME)
-        atomic_write_json(out / "metrics.json", metrics)
+        if self._rank0:
+            atomic_torch_save(state, out / MODEL_NAME)
+            atomic_write_json(out / "metrics.json", metrics)
         self._save_checkpoint(self._checkpoint_payload({"stage": self.K if self.mode == "sequential" else 0,
                                                         "epoch": -1}, finished=True))
+        _dist.barrier()  # every rank returns once rank 0 wrote the files
         self._emit("end", metrics)
         return metrics
 
@@ -988,6 +1036,12 @@ class EndToEndTrainer(_Trainer):
             p.requires_grad_(True)
         cnn = [p for r in net.regularisers for p in r.parameters()]
         opt, sched = self._optimizer(cnn, net.rho)
+
+        def loss_fn(ctx, b):  # one step's loss; wrapped in DDP when there are several processes
+            outs = net.run(ctx, return_all=True, checkpoint=c.grad_checkpointing)
+            return self._e2e_loss([o.float() for o in outs], b)
+
+        step = _dist.ddp_step(net, loss_fn)
         st = _EarlyStop.new()
         e0 = 0
         if ck is not None:
@@ -1005,27 +1059,30 @@ class EndToEndTrainer(_Trainer):
             net.train()
             total, n = 0.0, 0
             order = epoch_permutation(c.seed, 0, epoch, N)
-            nb = len(_batches(order, c.batch_size))
+            shares = _dist.shard_batches(order, c.batch_size)  # this rank's part of each global batch
+            nb = len(shares)
             with tqdm(total=nb, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False,
                       dynamic_ncols=True) as bar:
-                for idx, b in self._loader(self.train_dataset, order):
+                for sh, (idx, b) in zip(shares, self._loader(self.train_dataset, order,
+                                                             batches=[s.indices for s in shares])):
                     b = self._to_dev(b)
                     ctx = self._prepare(b)
                     with self._autocast():
-                        outs = net.run(ctx, return_all=True, checkpoint=c.grad_checkpointing)
-                        loss = self._e2e_loss([o.float() for o in outs], b)
-                    self._check_finite_loss(loss, f"epoch {epoch + 1}, step {self.global_step + 1}")
+                        loss = step(ctx, b)
+                    loss, mean_loss = _dist.batch_loss(loss, sh)  # one process: both are the loss
+                    self._check_finite_loss(mean_loss, f"epoch {epoch + 1}, step {self.global_step + 1}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if c.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(net.parameters(), c.grad_clip)
                     opt.step()
                     self._check_finite_gamma(f"epoch {epoch + 1}, step {self.global_step + 1}")
-                    lv = float(loss.detach())
-                    total += lv * len(idx)
-                    n += len(idx)
+                    lv = float(mean_loss.detach())
+                    total += lv * sh.total
+                    n += sh.total
                     self._log_step(0, epoch, lv, lr, float(np.mean(self.gammas())), bar)
             sched.step()
+            _dist.sync_buffers(net)  # BatchNorm running statistics: rank 0's on every rank
             st["train_loss"], st["epochs_run"] = total / max(n, 1), epoch + 1
             rec = {"mode": self.mode, "stage": 0, "epoch": epoch, "step": self.global_step,
                    "train_loss": st["train_loss"], "lr": lr, "best": None}
@@ -1087,7 +1144,10 @@ class SequentialTrainer(_Trainer):
 
     def _new_cache(self, split: str, n: int, name: str, dtype=torch.float32) -> _ImageCache:
         shape = (1,) + tuple(self.model.projector.in_shape)
-        path = self.out_dir / "cache" / f"{split}_{name}.npy"
+        d = self.out_dir / "cache"
+        if _dist.is_distributed():
+            d = d / f"rank-{_dist.rank()}"
+        path = d / f"{split}_{name}.npy"
         return _ImageCache(n, shape, self._where(), path, dtype)
 
     def _context(self, b: dict, idx: torch.Tensor, k: int, split: str):
@@ -1124,7 +1184,7 @@ class SequentialTrainer(_Trainer):
             sc = _SplitCache(self._new_cache(split, n, f"x{k:03d}"), self._new_cache(split, n, f"sens{k:03d}"),
                              self._new_cache(split, n, "support", torch.bool), torch.zeros(n, M),
                              self._new_cache(split, n, "mr") if net.config.use_mr else None)
-            order = list(range(n))
+            order = _dist.shard(range(n))  # this rank's shard; gathered below
             with tqdm(total=len(_batches(order, self.config.batch_size)), desc=f"inputs of module {k + 1} ({split})",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
                 for idx, b in self._loader(ds, order, targets=None):
@@ -1139,6 +1199,7 @@ class SequentialTrainer(_Trainer):
                     if sc.mr is not None:
                         sc.mr.set(idx, ctx.mr)
                     bar.update()
+            _dist.allgather_shards(n, sc.x, sc.sens, sc.support, sc.mr, sc.sens_mean)
             for cache in (sc.x, sc.sens, sc.support, sc.mr):
                 if cache is not None:
                     cache.flush()
@@ -1162,7 +1223,7 @@ class SequentialTrainer(_Trainer):
             n = len(ds)
             x_new = self._new_cache(split, n, f"x{k + 1:03d}")
             s_new = sc.sens if m_next == k % M else self._new_cache(split, n, f"sens{k + 1:03d}")
-            order = list(range(n))
+            order = _dist.shard(range(n))  # this rank's shard; gathered below
             with tqdm(total=len(_batches(order, self.config.batch_size)), desc=f"inputs of module {k + 2} ({split})",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
                 for idx, b in self._loader(ds, order, targets=None):
@@ -1174,6 +1235,7 @@ class SequentialTrainer(_Trainer):
                     if s_new is not sc.sens:
                         s_new.set(idx, ctx.sens[m_next])
                     bar.update()
+            _dist.allgather_shards(n, x_new, s_new if s_new is not sc.sens else None)
             x_new.flush()
             sc.x.delete()
             sc.x = x_new
@@ -1192,6 +1254,8 @@ class SequentialTrainer(_Trainer):
     def _release(self) -> None:
         self._drop_caches()
         d = self.out_dir / "cache"
+        if not self._rank0:
+            d = d / f"rank-{_dist.rank()}"
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
 
@@ -1239,7 +1303,7 @@ class SequentialTrainer(_Trainer):
         ds = self.val_dataset
         cache = self._caches["validation"]
         tl, tn, tf, n = 0.0, 0.0, 0.0, 0
-        for idx, b in self._loader(ds, list(range(len(ds))), targets=self._stage_targets(k)):
+        for idx, b in self._loader(ds, _dist.shard(range(len(ds))), targets=self._stage_targets(k)):
             b = self._to_dev(b)
             ctx = self._context(b, idx, k, "validation")
             with self._autocast():
@@ -1250,6 +1314,8 @@ class SequentialTrainer(_Trainer):
             tn += float(_nrmse(out, t).sum())
             tf += float(_nrmse(out, b["target_final"]).sum())
             n += B
+        if _dist.is_distributed():
+            tl, tn, tf, n = _dist.all_reduce_sums([tl, tn, tf, n]).tolist()
         v = {"loss": tl / n, "nrmse": tn / n, "nrmse_final": tf / n}
         if not math.isfinite(v["loss"]):
             raise TrainingDiverged(f"stage {k + 1}: validation loss is {v['loss']}; the last good checkpoint is kept")
@@ -1287,6 +1353,8 @@ class SequentialTrainer(_Trainer):
         net.zero_grad(set_to_none=True)
         cnn = self._freeze_for(k)
         opt, sched = self._optimizer(cnn, net.rho)
+        # one step's loss; several processes: DDP over the stage's trainable parameters only
+        step = _dist.ddp_step(net, lambda x, ctx, t: relative_mse(net.step(k, x, ctx).float(), t))
         if ck is not None:
             e0 = int(ck["counters"]["epoch"])
             if ck.get("optimizer_state") is not None:
@@ -1308,19 +1376,21 @@ class SequentialTrainer(_Trainer):
             self._train_mode(k)
             total, n = 0.0, 0
             order = epoch_permutation(c.seed, k, epoch, N)
-            nb = len(_batches(order, c.batch_size))
+            shares = _dist.shard_batches(order, c.batch_size)  # this rank's part of each global batch
+            nb = len(shares)
             with tqdm(total=nb, desc=f"module {k + 1}/{K} epoch {epoch + 1}/{E}", disable=not self.progress,
                       leave=False, dynamic_ncols=True) as bar:
-                for idx, b in self._loader(self.train_dataset, order, targets=self._stage_targets(k)):
+                for sh, (idx, b) in zip(shares, self._loader(self.train_dataset, order, targets=self._stage_targets(k),
+                                                             batches=[s.indices for s in shares])):
                     b = self._to_dev(b)
                     ctx = self._context(b, idx, k, "train")
                     x = train_cache.x.get(idx).to(self.dev)  # no graph: nothing flows into earlier modules
                     frozen_rho = net.rho.detach().clone()
                     with self._autocast():
-                        out = net.step(k, x, ctx)
-                        loss = relative_mse(out.float(), self._step_targets(b))
+                        loss = step(x, ctx, self._step_targets(b))
+                    loss, mean_loss = _dist.batch_loss(loss, sh)  # one process: both are the loss
                     where = f"module {k + 1}, epoch {epoch + 1}, step {self.global_step + 1}"
-                    self._check_finite_loss(loss, where)
+                    self._check_finite_loss(mean_loss, where)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if net.rho.grad is not None:
@@ -1331,11 +1401,12 @@ class SequentialTrainer(_Trainer):
                     with torch.no_grad():
                         net.rho[keep] = frozen_rho[keep]  # other modules' strengths stay exactly as they were
                     self._check_finite_gamma(where)
-                    lv = float(loss.detach())
-                    total += lv * len(idx)
-                    n += len(idx)
+                    lv = float(mean_loss.detach())
+                    total += lv * sh.total
+                    n += sh.total
                     self._log_step(k, epoch, lv, lr, float(self.gammas()[i_rho]), bar)
             sched.step()
+            _dist.sync_buffers(net)  # BatchNorm running statistics: rank 0's on every rank
             st["train_loss"], st["epochs_run"] = total / max(n, 1), epoch + 1
             rec = {"mode": self.mode, "stage": k, "epoch": epoch, "step": self.global_step,
                    "train_loss": st["train_loss"], "lr": lr, "best": None}
@@ -1430,6 +1501,10 @@ def load_trained(out_dir: str | os.PathLike, device=None, allow_partial: bool = 
         data = load_checkpoint(mpath)
         if data.get("format") != MODEL_FORMAT:
             raise UserError(f"{str(mpath)!r} is not an fbsemlib model file (format {data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{str(mpath)!r} has model format version {data.get('format_version')!r} (written by "
+                            f"fbsemlib {(data.get('versions') or {}).get('fbsemlib', '?')}); this fbsemlib reads "
+                            f"version {FORMAT_VERSION}")
         sd, cfgs, metrics = data["state_dict"], data["configs"], data.get("metrics")
     elif allow_partial and cpath.exists():
         data = load_checkpoint(cpath)
@@ -1488,7 +1563,11 @@ def _dataset_for(sections: dict, config_path: str, progress: bool) -> Path:
 
 def cmd_train(args) -> int:
     """``fbsem train --config FILE --mode {end-to-end,sequential} [--data DIR] --out DIR
-    [--seed N] [--device D] [--resume] [--no-progress]``."""
+    [--seed N] [--device D] [--resume] [--no-progress]``; under ``torchrun`` one process per
+    rank (:mod:`fbsemlib.distributed`)."""
+    if _dist.launched() and not _dist.in_group():
+        args.device = _dist.device_for(args.device)  # cuda -> cuda:LOCAL_RANK
+        return _dist.run(cmd_train, args, device=args.device)
     sections = load_experiment(args.config)
     model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
     train_cfg = from_dict(TrainConfig, sections.get("train", {}), "train")
@@ -1505,7 +1584,7 @@ def cmd_train(args) -> int:
         if not data_dir.exists():
             raise UserError(f"data folder {str(data_dir)!r} does not exist")
     else:
-        data_dir = _dataset_for(sections, args.config, progress)
+        data_dir = _dist.rank0_call(lambda: _dataset_for(sections, args.config, progress), long=True)
     train_ds, val_ds = _open_datasets(data_dir)
     its = n_it if n_it is not None else train_ds.num_iterations
     subs = n_sub if n_sub is not None else train_ds.num_subsets
@@ -1519,15 +1598,17 @@ def cmd_train(args) -> int:
     torch.manual_seed(train_cfg.seed)
     net = FBSEMNet(projector, int(its), int(subs), model_cfg)
     out = Path(args.out)
-    if args.resume and not (out / CHECKPOINT_NAME).exists():
+    if args.resume and not (out / CHECKPOINT_NAME).exists() and _dist.is_rank0():
         print(f"no checkpoint in {str(out)!r}: starting a new run", file=sys.stderr)
     trainer = make_trainer(mode, model=net, train_dataset=train_ds, val_dataset=val_ds, config=train_cfg,
-                           out_dir=out, device=dev, progress=progress)
+                           out_dir=out, device=dev, progress=progress, callbacks=_dist.fault_callbacks())
     try:
         metrics = trainer.fit(resume=bool(args.resume))
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not _dist.is_rank0():
+        return 0
     ev = metrics.get("val_eval") or metrics.get("train_eval") or {}
     print(f"{mode} training of K = {metrics['num_modules']} modules done in {metrics['train_time_s']:.1f} s; "
           f"final NRMSE vs reference {ev.get('nrmse_reference', float('nan')):.4f} "
