@@ -8,15 +8,20 @@ experiment file) and one output folder layout:
   ``loss_weights``) or ``relmse(x_K, t_final)`` with the single high-count reference
   (``targets: final``). ``grad_checkpointing: true`` recomputes each module in the backward
   pass (memory of ~one module's activations plus the K module inputs; the paper did not
-  use it, it is the middle ground between the two modes).
+  use it, it is the middle ground between the two modes). Gradients are the same; with
+  BatchNorm the recomputation updates the running statistics a second time.
 * :class:`SequentialTrainer` (Corda-D'incan, Schnabel & Reader 2022): stage ``k = 0..K-1``
   trains module ``k`` alone (its CNN and its ``rho``) against target ``k`` on inputs
   ``x_k`` produced by the frozen, already trained modules ``0..k-1``. Those inputs are
   CACHED for the whole training and validation sets (in memory, or as ``.npy`` memmaps on
-  disk when larger than ``cache_memory_mb``); after stage ``k`` module ``k`` is applied
-  once to every cached input to give ``x_{k+1}``. The whole training therefore costs
-  ``O(K)`` module passes per sample and epoch-stage, not ``O(K^2)``, and its memory is that
-  of one module whatever ``K``. No gradient crosses a module boundary: the cached inputs
+  disk when larger than ``cache_memory_mb``), together with the per-sample part of the
+  module context (the sensitivity image of subset ``k % M``, the FOV support, the mean
+  subset sensitivities and the scaled MR channel, so a stage step runs no back-projection
+  besides its own EM step); after stage ``k`` module ``k`` is applied once to every cached
+  input to give ``x_{k+1}``. The whole training therefore costs ``O(K)`` module passes per
+  sample and epoch-stage, not ``O(K^2)``, and its memory is that of one module whatever
+  ``K``. (It is not faster than end-to-end training for the same number of updates per
+  module: both run each module once per sample and epoch; its gain is memory.) No gradient crosses a module boundary: the cached inputs
   carry no graph, the parameters of the other modules have ``requires_grad=False`` and are
   not in the optimiser (each stage has a fresh Adam and its own LR schedule), and the
   entries of the shared ``rho`` vector that belong to other modules get zero gradient and
@@ -40,6 +45,8 @@ Choices (stated here, and in the book):
 * **BatchNorm**: the module being trained is in train mode (batch statistics, running
   statistics updated); every frozen module, cache propagation and validation use eval mode
   (running statistics), so the cached inputs are exactly what inference produces.
+* **Learning rates**: Adam; the strengths ``rho`` (``g = softplus(rho)``) are in their own
+  parameter group with learning rate ``lr * rho_lr_factor`` and no weight decay.
 * **Early stopping** (``early_stopping_patience``, counted in validations; per stage in
   sequential mode) restores the best weights (lowest validation loss) of the run / stage.
 * **Determinism**: the data order of epoch ``e`` of stage ``k`` (stage 0 for end-to-end) is a

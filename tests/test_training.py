@@ -408,3 +408,39 @@ def test_cli_train_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--config", str(ok), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "manifest" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_on_the_smoke_dataset(smoke_dataset, tmp_path, capsys):
+    """`fbsem train` end to end on the simulated smoke data (session fixture, shared with other
+    test files), resume, refusal, load_trained + reconstruction."""
+    from fbsemlib.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg_path = repo / "data" / "smoke.yaml"
+    out = tmp_path / "e2e"
+    args = ["train", "--config", str(cfg_path), "--data", str(smoke_dataset), "--out", str(out), "--mode",
+            "end-to-end", "--seed", "1", "--no-progress"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mode"] == "end-to-end" and m["num_modules"] == 8 and m["val_eval"] is not None
+    net, configs = load_trained(out)
+    assert configs["train"].seed == 1 and configs["data"]["recipe"]["name"] == "smoke"
+    assert main(args + ["--resume"]) == 0  # finished: nothing to do
+    assert main(args) == 2  # the folder already holds a run
+    assert "already holds" in capsys.readouterr().err
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(cfg_path.read_text().replace("  lr: 3.0e-3", "  lr: 1.0e-2"))
+    assert main(["train", "--config", str(changed), "--data", str(smoke_dataset), "--out", str(out), "--mode",
+                 "end-to-end", "--seed", "1", "--resume", "--no-progress"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    # the trained model loads and reconstructs
+    net, configs = load_trained(out)
+    assert configs["mode"] == "end-to-end" and net.num_modules == 8
+    from fbsemlib.datasets import PETDataset
+
+    ds = PETDataset(smoke_dataset, "test", checksums=False)
+    b = torch.utils.data.default_collate([ds[0]])
+    with torch.no_grad():
+        x = net(b["y"], b["multiplicative"], b["additive"], b["mr"])
+    assert x.shape == b["target_final"].shape and bool(torch.isfinite(x).all())
