@@ -110,7 +110,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from . import distributed as _dist
