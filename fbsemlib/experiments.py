@@ -20,6 +20,7 @@ reads one and applies dotted overrides (``{"train.epochs": 3, "model.shared": Tr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -78,12 +79,32 @@ def _cache_root() -> Path:
     return Path(cache_dir())
 
 
+@contextlib.contextmanager
+def _locked(name: str):
+    """An exclusive inter-process lock (``flock`` on ``<cache>/locks/<name>.lock``), so that
+    chapters executed in parallel never simulate or train the same thing at once: the
+    second waits and then reuses the first's result."""
+    folder = _cache_root() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            pass
+        yield
+
+
 def dataset(sections: dict, progress: bool = False) -> Path:
     """The dataset of the ``data:`` recipe (simulated once, then reused)."""
     from .simulation import DataConfig, cached_dataset
 
+    from .simulation import recipe_hash
+
     recipe = from_dict(DataConfig, sections["data"], "data")
-    return Path(cached_dataset(recipe, progress=progress).path)
+    with _locked(f"data-{recipe_hash(recipe)[:16]}"):
+        return Path(cached_dataset(recipe, progress=progress).path)
 
 
 @dataclasses.dataclass
@@ -124,10 +145,8 @@ class Run:
 def train(sections: dict, mode: str | None = None, seed: int | None = None, progress: bool = False,
           device: str | None = None, data_dir: Path | None = None, name: str | None = None) -> Run:
     """Train (or reuse) FBSEM-Net for ``sections`` (``model:``, ``train:``, ``data:``)."""
-    from .datasets import PETDataset
-    from .fbsem import FBSEMNet
     from .simulation import DataConfig, recipe_hash
-    from .training import MODEL_NAME, TrainConfig, make_trainer, parse_model_section
+    from .training import MODEL_NAME, TrainConfig, parse_model_section
 
     model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
     train_cfg = from_dict(TrainConfig, sections.get("train", {}), "train")
@@ -141,23 +160,33 @@ def train(sections: dict, mode: str | None = None, seed: int | None = None, prog
            "iterations": n_it, "subsets": n_sub, "device": str(device or "cpu")}
     h = config_hash(key)
     out = _cache_root() / "runs" / f"{name or recipe.name}-{mode}-{h}"
-    if not (out / MODEL_NAME).exists():
-        train_ds = PETDataset(data_dir, "train")
-        try:
-            val_ds = PETDataset(data_dir, "validation")
-        except Exception:
-            val_ds = None
-        dev = torch.device(device or "cpu")
-        projector = train_ds.make_projector(dev)
-        torch.manual_seed(train_cfg.seed)
-        net = FBSEMNet(projector, int(n_it or train_ds.num_iterations), int(n_sub or train_ds.num_subsets), model_cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "key.json").write_text(json.dumps(key, indent=2, default=str))
-        trainer = make_trainer(mode, model=net, train_dataset=train_ds, val_dataset=val_ds, config=train_cfg,
-                               out_dir=out, device=dev, progress=progress)
-        trainer.fit(resume=(out / "checkpoint.pt").exists())
+    with _locked(f"run-{h}"):
+        if not (out / MODEL_NAME).exists():
+            _train_into(out, key, data_dir, model_cfg, train_cfg, n_it, n_sub, mode, device, progress)
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     return Run(out, mode, key, metrics)
+
+
+def _train_into(out, key, data_dir, model_cfg, train_cfg, n_it, n_sub, mode, device, progress) -> None:
+    """Train one run into ``out`` (resuming a checkpoint left by an interrupted build)."""
+    from .datasets import PETDataset
+    from .fbsem import FBSEMNet
+    from .training import make_trainer
+
+    train_ds = PETDataset(data_dir, "train")
+    try:
+        val_ds = PETDataset(data_dir, "validation")
+    except Exception:
+        val_ds = None
+    dev = torch.device(device or "cpu")
+    projector = train_ds.make_projector(dev)
+    torch.manual_seed(train_cfg.seed)
+    net = FBSEMNet(projector, int(n_it or train_ds.num_iterations), int(n_sub or train_ds.num_subsets), model_cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "key.json").write_text(json.dumps(key, indent=2, default=str))
+    trainer = make_trainer(mode, model=net, train_dataset=train_ds, val_dataset=val_ds, config=train_cfg,
+                           out_dir=out, device=dev, progress=progress)
+    trainer.fit(resume=(out / "checkpoint.pt").exists())
 
 
 def baseline_config(profile_or_sections) -> BaselineConfig:

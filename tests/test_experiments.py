@@ -32,3 +32,23 @@ def test_train_and_evaluate_are_cached(smoke_dataset, tmp_path, monkeypatch):
     mtime = files[0].stat().st_mtime_ns
     ex.evaluate(run, smoke_dataset, methods=("fbsem", "osem"))
     assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_parallel_requests_train_once(smoke_dataset, tmp_path, monkeypatch):
+    """Two processes asking for the same run at once: one trains, the other waits and reuses it."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FBSEM_CACHE", str(tmp_path / "cache"))
+    code = ("import sys; from fbsemlib import experiments as ex; "
+            "s = ex.load_profile('smoke', {'train.epochs_per_module': 1, 'train.seed': 7}); "
+            f"r = ex.train(s, 'sequential', data_dir=r'{smoke_dataset}'); print(r.path)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1]
+    import json
+    from pathlib import Path
+
+    lines = (Path(outs[0]) / "log_stages.csv").read_text().splitlines()
+    assert len(lines) == 1 + 8  # header + one row per stage: trained exactly once
