@@ -39,6 +39,8 @@ def fuse(x_em: torch.Tensor, x_reg: torch.Tensor, sensitivity: torch.Tensor, gam
     z_neg = (disc - b) / (2 * a_safe)
     z = torch.where(b >= 0, z_pos, z_neg)
     z = torch.where(a > 0, z, x_em)  # gamma == 0: plain EM
+    # x_em > 0 has a strictly positive maximiser: keep it off 0 when it underflows
+    z = torch.where(x_em > 0, z.clamp_min(torch.finfo(z.dtype).tiny), z)
     return torch.where(pos, z, x_reg.clamp_min(0).expand_as(z))
 
 

@@ -4,13 +4,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fbsemlib as fb
 from fbsemlib.fusion import fuse, fusion_objective
 
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (no flaky failures); the examples
+# hypothesis found once (e.g. the denormal x_em below) are pinned with @example
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -71,6 +73,7 @@ finite = st.floats(0.0, 1e3, allow_nan=False, allow_infinity=False)
 @given(
     st.lists(st.tuples(finite, st.floats(-1e3, 1e3), st.floats(1e-3, 1e4), st.floats(0.0, 1e4)), min_size=1, max_size=50)
 )
+@example([(5e-324, -1.0, 1.0, 1.0)])  # a denormal EM value whose maximiser underflows
 def test_fusion_maximises_surrogate(vals):
     x_em, x_reg, s, gamma = (torch.tensor(v, dtype=torch.float64) for v in zip(*vals))
     z = fuse(x_em, x_reg, s, gamma)
