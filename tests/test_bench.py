@@ -43,3 +43,27 @@ def test_memory_training_simulation_benchmarks_quick(tmp_path):
     tr = json.loads((tmp_path / "training_quick.json").read_text())
     assert {r["mode"] for r in tr["rows"]} == {"end-to-end", "sequential"}
     assert tr["targets"]["sequential_over_end_to_end"] > 0
+
+
+def test_memory_benchmark_survives_out_of_memory(monkeypatch):
+    """End-to-end running out of (GPU) memory at large K is recorded, not fatal."""
+    import torch
+
+    import fbsemlib.memory as mem
+    from fbsemlib.bench import bench_memory, memory_targets
+
+    real = mem.measure_training_memory
+
+    def fake(prob, K, mode, device="cpu"):
+        if mode == "end-to-end" and K >= 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(prob, K, mode, device=device)
+
+    monkeypatch.setattr(mem, "measure_training_memory", fake)
+    rows = bench_memory(quick=True)
+    oom = [r for r in rows if r.get("out_of_memory")]
+    assert oom and all(r["mode"] == "end-to-end" and r["modules"] >= 5 for r in oom)
+    t = memory_targets(rows)
+    for case in t.values():
+        assert case["end_to_end_out_of_memory_from_K"] == 5 and case["reduction_at_K"] == 2
+        assert case["flat_within_10pct"]
