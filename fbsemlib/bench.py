@@ -451,11 +451,6 @@ BENCHES: dict[str, Callable] = {"projector": run_projector, "memory": run_memory
                                 "simulation": run_simulation}
 
 
-def register(name: str, fn: Callable) -> None:
-    """Add a benchmark ``fn(quick, out, device) -> Path`` (used by other modules)."""
-    BENCHES[name] = fn
-
-
 def cmd_bench(args) -> int:
     from .cli import UserError
 

@@ -151,9 +151,6 @@ class Projector(LinearOperator):
         return None
 
     # -- the maths ----------------------------------------------------------------------
-    def _check_input(self, x, shape, name):
-        super()._check_input(x, shape, name)
-
     def _csr(self, dtype):
         if dtype not in self._matrices:
             self._matrices[dtype] = build_csr(self._sampler, dtype, self._device)
