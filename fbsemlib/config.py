@@ -23,6 +23,8 @@ dataclass with :func:`from_dict`, which
   re-raising its message prefixed with the section name.
 
 :func:`to_dict` is the inverse (tuples -> lists), suitable for YAML / JSON.
+:func:`diff` lists, readably, how two JSON-like values differ (a dataset against what
+was expected, a checkpoint against the configuration now, ...).
 
 Errors are :class:`ConfigError`, a ``ValueError`` that the CLI prints as
 ``error: ...`` with exit status 2.
@@ -42,7 +44,7 @@ import yaml
 
 from .cli import UserError
 
-__all__ = ["ConfigError", "load_experiment", "load_section", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
 
 
 class ConfigError(UserError, ValueError):
@@ -277,3 +279,51 @@ def to_dict(obj) -> Any:
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
         return obj.item()
     return obj
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def diff(a: Any, b: Any, names: tuple[str, str] = ("a", "b"), prefix: str = "", sep: str = ", ",
+         rel_tol: float = 0.0, abs_tol: float = 0.0) -> list[str]:
+    """Human-readable differences between two JSON-like values (dicts, lists, scalars).
+
+    One line per difference, ``"<dotted.key>: <names[0]> <a>{sep}<names[1]> <b>"``
+    (``absent`` for a key that one side lacks; lists are compared, and reported, as a
+    whole). ``prefix`` starts every key (``"value"`` is used for a difference at the top
+    level without one). Numbers are equal within ``rel_tol`` / ``abs_tol``
+    (:func:`math.isclose`; default: exactly) and NaN equals NaN. E.g.
+    ``diff(saved, now, ("checkpoint", "now"), "train")`` gives
+    ``["train.lr: checkpoint 0.005, now 0.001"]`` and ``diff(found, expected, ("dataset",
+    "expected"), sep=" vs ")`` gives ``["crystals_per_side: dataset 6 vs expected 7"]``."""
+    na, nb = names
+
+    def line(p: str, x: str, y: str) -> str:
+        return f"{p or 'value'}: {na} {x}{sep}{nb} {y}"
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = []
+            for k in sorted(set(a) | set(b), key=str):
+                p = f"{prefix}.{k}" if prefix else str(k)
+                if k not in a:
+                    out.append(line(p, "absent", repr(b[k])))
+                elif k not in b:
+                    out.append(line(p, repr(a[k]), "absent"))
+                else:
+                    out.extend(walk(a[k], b[k], p))
+            return out
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            if len(a) == len(b) and not any(walk(x, y, prefix) for x, y in zip(a, b)):
+                return []
+            return [line(prefix, repr(list(a)), repr(list(b)))]
+        if _is_number(a) and _is_number(b):
+            fa, fb = float(a), float(b)
+            if math.isclose(fa, fb, rel_tol=rel_tol, abs_tol=abs_tol) or (math.isnan(fa) and math.isnan(fb)):
+                return []
+        elif a == b:
+            return []
+        return [line(prefix, repr(a), repr(b))]
+
+    return walk(a, b, prefix)

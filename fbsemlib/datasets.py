@@ -62,6 +62,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import diff
+
 __all__ = [
     "DatasetError",
     "FORMAT_NAME",
@@ -104,33 +106,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Human-readable differences between two JSON-like values (``a`` = dataset, ``b`` =
-    expected)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            p = f"{prefix}.{k}" if prefix else str(k)
-            if k not in a:
-                out.append(f"{p}: missing in the dataset (expected {b[k]!r})")
-            elif k not in b:
-                out.append(f"{p}: dataset has {a[k]!r}, not expected")
-            else:
-                out.extend(_dict_diff(a[k], b[k], p))
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) == len(b) and all(not _dict_diff(x, y) for x, y in zip(a, b)):
-            return []
-        return [f"{prefix or 'value'}: dataset {list(a)!r} vs expected {list(b)!r}"]
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            if np.isclose(float(a), float(b), rtol=1e-9, atol=1e-12):
-                return []
-        except (TypeError, ValueError):
-            pass
-    if a != b:
-        return [f"{prefix or 'value'}: dataset {a!r} vs expected {b!r}"]
-    return []
+#: how :func:`fbsemlib.config.diff` words a dataset's values against the expected ones
+_DIFF_WORDING = dict(names=("dataset", "expected"), sep=" vs ", rel_tol=1e-9, abs_tol=1e-12)
 
 
 def _to_jsonable(d):
@@ -255,10 +232,10 @@ def _check_expected(manifest: dict, geometry=None, grid=None, num_iterations=Non
     diffs = []
     if geometry is not None:
         exp = geometry.to_dict() if hasattr(geometry, "to_dict") else geometry
-        diffs += [f"geometry {d}" for d in _dict_diff(manifest["geometry"], _to_jsonable(exp))]
+        diffs += [f"geometry {d}" for d in diff(manifest["geometry"], _to_jsonable(exp), **_DIFF_WORDING)]
     if grid is not None:
         exp = grid.to_dict() if hasattr(grid, "to_dict") else grid
-        diffs += [f"grid {d}" for d in _dict_diff(manifest["grid"], _to_jsonable(exp))]
+        diffs += [f"grid {d}" for d in diff(manifest["grid"], _to_jsonable(exp), **_DIFF_WORDING)]
     if num_iterations is not None and int(manifest["num_iterations"]) != int(num_iterations):
         diffs.append(f"num_iterations: dataset {manifest['num_iterations']} vs expected {num_iterations}")
     if num_subsets is not None and int(manifest["num_subsets"]) != int(num_subsets):
@@ -297,7 +274,7 @@ def _check_subject_file(fpath: Path, entry: dict, manifest: dict) -> None:
             if int(a["subject"]) != int(entry["subject"]) or a["split"] != entry["split"]:
                 raise DatasetError(f"{name}: subject/split {int(a['subject'])}/{a['split']} differ from the "
                                    f"manifest's {entry['subject']}/{entry['split']}")
-            d = _dict_diff(json.loads(a["geometry"]), manifest["geometry"])
+            d = diff(json.loads(a["geometry"]), manifest["geometry"], **_DIFF_WORDING)
             if d:
                 raise DatasetError(f"{name}: geometry differs from the manifest: {'; '.join(d)}")
             N, S = int(a["num_images"]), int(a["num_samples"])

@@ -115,7 +115,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from . import distributed as _dist
 from .cli import UserError
-from .config import ConfigError, from_dict, load_experiment, to_dict
+from .config import ConfigError, diff, from_dict, load_experiment, to_dict
 from .fbsem import FBSEMNet, ModelConfig, relative_mse, target_weights, unrolled_loss
 
 __all__ = [
@@ -515,29 +515,8 @@ def dataset_info(ds) -> dict:
     return json.loads(json.dumps(info, default=str))
 
 
-def _diff(a: Any, b: Any, prefix: str) -> list[str]:
-    """Differences ``a`` (checkpoint) vs ``b`` (now) of two JSON-like values."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            p = f"{prefix}.{k}"
-            if k not in a:
-                out.append(f"{p}: not in the checkpoint, now {b[k]!r}")
-            elif k not in b:
-                out.append(f"{p}: checkpoint {a[k]!r}, now absent")
-            else:
-                out.extend(_diff(a[k], b[k], p))
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) == len(b) and not any(_diff(x, y, prefix) for x, y in zip(a, b)):
-            return []
-        return [f"{prefix}: checkpoint {list(a)!r}, now {list(b)!r}"]
-    if _is_num(a) and _is_num(b) and not isinstance(a, bool) and not isinstance(b, bool):
-        if float(a) == float(b) or (math.isnan(float(a)) and math.isnan(float(b))):
-            return []
-    if a != b:
-        return [f"{prefix}: checkpoint {a!r}, now {b!r}"]
-    return []
+#: how :func:`fbsemlib.config.diff` words a checkpoint's configuration against today's
+_CHECKPOINT_VS_NOW = ("checkpoint", "now")
 
 
 def _nrmse(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -767,12 +746,13 @@ class _Trainer:
                 d.pop(k, None)
         diffs = []
         for key in ("mode", "model", "train", "structure", "data", "dataset_sizes"):
-            diffs += _diff(saved.get(key), now.get(key), key)
+            diffs += diff(saved.get(key), now.get(key), _CHECKPOINT_VS_NOW, key)
         one = lambda c: {"world_size": 1, "global_batch_size": (c.get("train") or {}).get("batch_size")}  # noqa: E731
-        diffs += _diff(saved.get("distributed") or one(saved), now.get("distributed") or one(now), "distributed")
+        diffs += diff(saved.get("distributed") or one(saved), now.get("distributed") or one(now), _CHECKPOINT_VS_NOW,
+                      "distributed")
         pa, pb = dict(saved.get("projector", {})), dict(now["projector"])
         pa.pop("backend", None), pb.pop("backend", None)
-        diffs += _diff(pa, pb, "projector")
+        diffs += diff(pa, pb, _CHECKPOINT_VS_NOW, "projector")
         return diffs
 
     def _checkpoint_payload(self, counters: dict, opt=None, sched=None, stage_state=None, extra=None,
@@ -1524,7 +1504,7 @@ def load_trained(out_dir: str | os.PathLike, device=None, allow_partial: bool = 
     P = projector if projector is not None else build_projector(cfgs["projector"], dev)
     if projector is not None:
         spec = projector_spec(projector)
-        diffs = [d for d in _diff(cfgs["projector"], spec, "projector") if not d.startswith("projector.backend")]
+        diffs = [d for d in diff(cfgs["projector"], spec, _CHECKPOINT_VS_NOW, "projector") if not d.startswith("projector.backend")]
         if diffs:
             raise UserError("the given projector differs from the model's: " + "; ".join(diffs))
     s = cfgs["structure"]
