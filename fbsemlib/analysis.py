@@ -4,13 +4,14 @@ Used by the chapters "The original FBSEM-Net", "Iteration-dependent targets" and
 "Iteration-dependent vs shared networks"; the chapters only call these and plot.
 
 * Inspecting a trained net: :func:`network_table`, :func:`parameter_counts`,
-  :func:`strengths` (the learned ``g_k`` of every module), :func:`module_outputs` (every
-  module's output for one sample) and :func:`trajectory_errors` (how far each ``x_k`` is
-  from the iteration-dependent target ``t_k``, the reference and the truth).
+  :func:`strengths` (the learned ``g_k`` of every module) and :func:`trajectory_errors` (how
+  far each module's output ``x_k`` -- :func:`fbsemlib.runviews.module_outputs` -- is from
+  the iteration-dependent target ``t_k``, the reference and the truth).
 * Reconstructions of one sample by nets and baselines: :func:`reconstruct_sample`,
   :func:`osem_iterates`.
 * Several training runs (seeds): :func:`run_means`, :func:`per_sample`,
-  :func:`seed_spread`, :func:`consistency_verdict`, :func:`image_spread`,
+  :func:`seed_spread` (whose rows feed :func:`fbsemlib.claims.verdict_consistency`),
+  :func:`image_spread`,
   :func:`paired_comparison`, :func:`comparison_verdict`.
 * Data outside the training distribution: :func:`variant_sections` builds the recipe of
   a second dataset of the SAME geometry and unrolled schedule (other counts, other
@@ -42,14 +43,12 @@ __all__ = [
     "network_table",
     "parameter_counts",
     "strengths",
-    "module_outputs",
     "trajectory_errors",
     "osem_iterates",
     "reconstruct_sample",
     "run_means",
     "per_sample",
     "seed_spread",
-    "consistency_verdict",
     "image_spread",
     "paired_comparison",
     "comparison_verdict",
@@ -125,27 +124,13 @@ def strengths(net) -> np.ndarray:
     return np.array([float(net.gamma(k)) for k in range(net.num_modules)])
 
 
-@torch.no_grad()
-def module_outputs(net, item: Mapping[str, Any]) -> torch.Tensor:
-    """Every module's output ``x_1..x_K`` for one dataset item (eval mode), ``(K, Z, Y, X)``
-    on the CPU (``net.prepare`` + ``net.run(ctx, return_all=True)``)."""
-    dev = net.projector.device
-    was = net.training
-    net.eval()
-    b = as_batch(item)
-    ctx = net.prepare(b["y"].to(dev), b["multiplicative"].to(dev), b["additive"].to(dev),
-                      b["mr"].to(dev) if net.config.use_mr else None)
-    outs = net.run(ctx, return_all=True)
-    net.train(was)
-    return torch.stack([o[0, 0] for o in outs]).cpu()
-
-
 def _nrmse(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
     return float(metrics.nrmse(x[None], ref[None], mask[None]))
 
 
 def trajectory_errors(outputs: torch.Tensor | Sequence[torch.Tensor], item: Mapping[str, Any]) -> dict:
-    """NRMSE (%, in the brain) of each image ``outputs[k]`` (``(Z, Y, X)``, k = 0..K-1) to
+    """NRMSE (%, in the brain) of each image ``outputs[k]`` (``(Z, Y, X)``, k = 0..K-1; e.g.
+    ``runviews.module_outputs(net, as_batch(item))[:, 0, 0]``) to
     ``target`` (the iteration-dependent target ``t_k``, the noise-free OSEM iterate
     ``k + 1``), ``reference`` (the high-count reference) and ``truth`` (the phantom);
     arrays of length K."""
@@ -181,6 +166,7 @@ def reconstruct_sample(item: Mapping[str, Any], projector, num_iterations: int, 
     baselines (``method -> strength``, e.g. the validation-best strengths of an
     evaluation's ``sweep["best"]``), then the trained ``nets`` (``label -> FBSEMNet``)."""
     from .baselines import reconstruct
+    from .runviews import module_outputs
 
     b = as_batch(item)
     out = {"truth": item["activity"][0].cpu()}
@@ -188,7 +174,7 @@ def reconstruct_sample(item: Mapping[str, Any], projector, num_iterations: int, 
         x = reconstruct(method, strength, b, projector, num_iterations, num_subsets, bowsher_neighbours)
         out[method] = x[0, 0].cpu()
     for label, net in (nets or {}).items():
-        out[label] = module_outputs(net, item)[-1]
+        out[label] = module_outputs(net, b)[-1, 0, 0]
     return out
 
 
@@ -240,36 +226,6 @@ def seed_spread(evaluations: Mapping[str, Sequence[Mapping]], metrics_: Iterable
                         "min": float(means.min()) if n else float("nan"),
                         "max": float(means.max()) if n else float("nan"),
                         "sample_std": sample_std})
-    return out
-
-
-def consistency_verdict(spread: Sequence[Mapping], metric: str, candidate: str, baseline: str) -> dict:
-    """Is training with ``candidate`` more consistent across runs than with ``baseline``?
-
-    Compares the across-run standard deviation of the test mean of ``metric`` (rows of
-    :func:`seed_spread`) and the mean per-sample across-run standard deviation. Returns
-    ``{"std_candidate", "std_baseline", "ratio", "sample_ratio", "more_consistent", "text"}``
-    where ``more_consistent`` is True/False, or None when fewer than two runs exist."""
-    def row(label):
-        for r in spread:
-            if r["label"] == label and r["metric"] == metric:
-                return r
-        raise ValueError(f"no spread row for {label!r} / {metric!r}")
-
-    c, b = row(candidate), row(baseline)
-    out = {"std_candidate": c["std"], "std_baseline": b["std"], "ratio": float("nan"),
-           "sample_ratio": float("nan"), "more_consistent": None}
-    if min(c["runs"], b["runs"]) < 2 or not (math.isfinite(c["std"]) and math.isfinite(b["std"])):
-        out["text"] = (f"{metric}: consistency cannot be assessed with {min(c['runs'], b['runs'])} run(s) "
-                       "per setting (at least 2 are needed)")
-        return out
-    out["ratio"] = c["std"] / b["std"] if b["std"] > 0 else float("inf")
-    out["sample_ratio"] = c["sample_std"] / b["sample_std"] if b["sample_std"] > 0 else float("inf")
-    out["more_consistent"] = bool(c["std"] < b["std"])
-    word = "SMALLER" if out["more_consistent"] else "NOT smaller"
-    out["text"] = (f"{metric}: the across-run std of {candidate} ({c['std']:.3g}) is {word} than that of "
-                   f"{baseline} ({b['std']:.3g}); ratio {out['ratio']:.2f}; per-sample std ratio "
-                   f"{out['sample_ratio']:.2f}")
     return out
 
 

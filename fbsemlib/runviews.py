@@ -39,13 +39,21 @@ def stack_samples(ds, indices: Sequence[int]) -> dict:
 
 @torch.no_grad()
 def module_outputs(net, batch: Mapping, device=None) -> torch.Tensor:
-    """Every module's output ``(K, B, 1, Z, Y, X)`` (on the CPU) of ``net`` (eval mode) on
-    ``batch`` (a dict with ``y``, ``multiplicative``, ``additive`` and ``mr``)."""
+    """Every module's output ``x_1..x_K`` of ``net`` (run in eval mode; its training mode
+    is restored afterwards) on ``batch`` (a dict with ``y``, ``multiplicative``,
+    ``additive`` and ``mr`` with a leading batch dimension: :func:`stack_samples`, or
+    :func:`fbsemlib.analysis.as_batch` of one dataset item), ``(K, B, 1, Z, Y, X)`` on the
+    CPU (``net.prepare`` + ``net.run(ctx, return_all=True)``). For one item,
+    ``module_outputs(net, as_batch(item))[:, 0, 0]`` is ``(K, Z, Y, X)``."""
     dev = torch.device(device) if device is not None else net.projector.device
+    was = net.training
     net.eval()
-    mr = batch["mr"].to(dev) if net.config.use_mr else None
-    ctx = net.prepare(batch["y"].to(dev), batch["multiplicative"].to(dev), batch["additive"].to(dev), mr)
-    outs = net.run(ctx, return_all=True)
+    try:
+        mr = batch["mr"].to(dev) if net.config.use_mr else None
+        ctx = net.prepare(batch["y"].to(dev), batch["multiplicative"].to(dev), batch["additive"].to(dev), mr)
+        outs = net.run(ctx, return_all=True)
+    finally:
+        net.train(was)
     return torch.stack([o.detach().cpu() for o in outs])
 
 

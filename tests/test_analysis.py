@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from fbsemlib import analysis as an
+from fbsemlib import claims as C
+from fbsemlib import runviews as RV
 from fbsemlib.datasets import PETDataset
 from fbsemlib.fbsem import FBSEMNet, ModelConfig
 
@@ -52,19 +54,6 @@ def test_strengths(test_split):
         itdep.rho.copy_(torch.arange(itdep.num_modules, dtype=torch.float32) - 2)
     gi = an.strengths(itdep)
     assert np.allclose(gi, np.log1p(np.exp(np.arange(itdep.num_modules) - 2.0)), rtol=1e-5)
-
-
-def test_module_outputs_match_forward(test_split):
-    net = _net(test_split, False)
-    item = test_split[0]
-    outs = an.module_outputs(net, item)
-    K = test_split.num_modules
-    assert outs.shape == (K,) + tuple(test_split.grid.shape)
-    b = an.as_batch(item)
-    with torch.no_grad():
-        last = net(b["y"], b["multiplicative"], b["additive"], b["mr"])
-    torch.testing.assert_close(outs[-1], last[0, 0])
-    assert not net.training
 
 
 def test_trajectory_errors(test_split):
@@ -123,7 +112,7 @@ def test_per_sample_and_run_means():
         an.per_sample(ev, "nrmse", method="mapem_bowsher")
 
 
-def test_seed_spread_and_consistency_verdict():
+def test_seed_spread_feeds_the_consistency_verdict():
     evs = {"stable": [_evaluation([10.0, 12.0]), _evaluation([10.2, 12.2])],
            "erratic": [_evaluation([10.0, 12.0]), _evaluation([14.0, 12.0])]}
     sp = an.seed_spread(evs, ("nrmse",))
@@ -132,14 +121,23 @@ def test_seed_spread_and_consistency_verdict():
     assert rows["stable"]["mean"] == pytest.approx(11.1)
     assert rows["stable"]["std"] == pytest.approx(np.std([11.0, 11.2], ddof=1))
     assert rows["erratic"]["sample_std"] == pytest.approx(np.mean([np.std([10, 14], ddof=1), 0.0]))
-    v = an.consistency_verdict(sp, "nrmse", "stable", "erratic")
-    assert v["more_consistent"] is True and v["ratio"] < 1 and "SMALLER" in v["text"]
-    w = an.consistency_verdict(sp, "nrmse", "erratic", "stable")
-    assert w["more_consistent"] is False and "NOT smaller" in w["text"]
+    # the rows feed claims.verdict_consistency (the one consistency verdict)
+    r = {(x["label"], x["metric"]): x for x in sp}
+
+    def verdict(cand, base, rows):
+        c, b = rows[(cand, "nrmse")], rows[(base, "nrmse")]
+        return C.verdict_consistency(c["std"], b["std"], min(c["runs"], b["runs"]),
+                                     sample_stds=(c["sample_std"], b["sample_std"]))
+
+    v = verdict("stable", "erratic", r)
+    assert v.verdict == C.REPRODUCED and v.numbers["ratio"] < 1 and v.numbers["sample_ratio"] < 1
+    assert "per-sample std ratio" in v.reason
+    w = verdict("erratic", "stable", r)
+    assert w.verdict == C.NOT_REPRODUCED and w.numbers["ratio"] > 1
     one = an.seed_spread({"a": [_evaluation([1.0])], "b": [_evaluation([2.0])]}, ("nrmse",))
     assert math.isnan(one[0]["std"])
-    v1 = an.consistency_verdict(one, "nrmse", "a", "b")
-    assert v1["more_consistent"] is None and "cannot be assessed" in v1["text"]
+    v1 = verdict("a", "b", {(x["label"], x["metric"]): x for x in one})
+    assert v1.verdict == C.NOT_TESTED and "at least 2" in v1.reason
 
 
 def test_image_spread():
@@ -199,7 +197,8 @@ def test_load_net_shares_the_projector(smoke_model, test_split):
     a, b = an.load_net(smoke_model, P), an.load_net(smoke_model, P)
     assert a.projector is P and b.projector is P and not a.training
     item = test_split[0]
-    torch.testing.assert_close(an.module_outputs(a, item), an.module_outputs(b, item))
+    b1 = an.as_batch(item)
+    torch.testing.assert_close(RV.module_outputs(a, b1), RV.module_outputs(b, b1))
 
 
 def test_variant_sections():

@@ -64,6 +64,11 @@ def test_verdict_consistency():
     assert C.verdict_consistency(0.52, 0.5, 5).verdict == C.PARTLY  # higher, within 10 %
     assert C.verdict_consistency(0.8, 0.5, 5).verdict == C.NOT_REPRODUCED
     assert C.verdict_consistency(0.0, 0.0, 3).verdict == C.PARTLY
+    assert C.verdict_consistency(float("nan"), 0.5, 3).verdict == C.NOT_TESTED  # seed_spread's NaN std
+    v = C.verdict_consistency(0.1, 0.5, 2, sample_stds=(0.2, 0.4))
+    assert v.numbers["ratio"] == pytest.approx(0.2) and v.numbers["sample_ratio"] == pytest.approx(0.5)
+    assert "per-sample std ratio 0.50" in v.reason
+    assert "sample_ratio" not in C.verdict_consistency(0.1, 0.5, 2).numbers
 
 
 def test_verdict_lower_error():

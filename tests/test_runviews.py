@@ -71,3 +71,25 @@ def test_run_summary():
     run.mode = "end-to-end"
     s = RV.run_summary(run)
     assert s["epochs"] == 2 and s["cache_time_s"] is None
+
+
+def test_module_outputs_of_one_item_match_forward_and_keep_the_mode(smoke_dataset):
+    from fbsemlib.analysis import as_batch
+    from fbsemlib.datasets import PETDataset
+    from fbsemlib.fbsem import FBSEMNet, ModelConfig
+
+    ds = PETDataset(smoke_dataset, "test")
+    torch.manual_seed(0)
+    net = FBSEMNet(ds.make_projector("cpu"), ds.num_iterations, ds.num_subsets,
+                   ModelConfig(shared=False, depth=3, width=4, gamma_init=0.5))
+    assert net.training
+    b = as_batch(ds[0])
+    outs = RV.module_outputs(net, b)
+    assert outs.shape == (ds.num_modules, 1, 1) + tuple(ds.grid.shape)
+    assert net.training  # run in eval mode, the mode is restored
+    with torch.no_grad():
+        net.eval()
+        last = net(b["y"], b["multiplicative"], b["additive"], b["mr"])
+    torch.testing.assert_close(outs[-1], last)
+    assert not net.training
+    assert RV.module_outputs(net, b)[:, 0, 0].shape == (ds.num_modules,) + tuple(ds.grid.shape)  # one item
