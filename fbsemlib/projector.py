@@ -11,8 +11,14 @@ Backends
                    ``"auto"`` when the matrix and its transpose fit
                    ``matrix_budget_bytes``, 1 GiB by default: every 2D geometry and
                    small 3D ones);
+                   ``"segments"`` -- span-1 ring geometries whose ring spacing is an
+                   integer number of z voxels: one matrix per ring difference, applied
+                   to all the planes of that segment by axial shifts
+                   (:class:`~fbsemlib._joseph.AxialSegments`; chosen by ``"auto"`` for
+                   3D geometries whose full matrix does not fit the budget);
                    ``"on-the-fly"`` -- chunked sampling with ``grid_sample`` (memory
-                   bounded by ``max_chunk_samples``; chosen for large 3D geometries).
+                   bounded by ``max_chunk_samples``; chosen for the other large 3D
+                   geometries).
 ``"parallelproj"`` parallelproj's Joseph projector (``joseph3d_fwd`` /
                    ``joseph3d_back``), when it is importable.
 ``"auto"``         parallelproj if importable, else torch.
@@ -28,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ._joseph import JosephSampler, OnTheFly, build_csr, csr_matmul
+from ._joseph import AxialSegments, JosephSampler, OnTheFly, build_csr, csr_matmul
 from .geometry import ImageGrid, ParallelBeamGeometry, SinogramGeometry
 from .operators import LinearOperator
 from .psf import GaussianPSF
@@ -54,9 +60,11 @@ class Projector(LinearOperator):
     grid: :class:`ImageGrid`.
     backend: ``"auto"`` | ``"torch"`` | ``"parallelproj"``.
     device: where inputs live and the work happens.
-    method: torch backend only: ``"auto"`` | ``"matrix"`` | ``"on-the-fly"``.
+    method: torch backend only: ``"auto"`` | ``"matrix"`` | ``"segments"`` | ``"on-the-fly"``.
     psf_fwhm_mm: isotropic FWHM, or ``(z, y, x)``; ``None`` for no resolution model.
-    matrix_budget_bytes: memory allowed for the system matrix and its transpose.
+    matrix_budget_bytes: memory allowed for the system matrix and its transpose (the
+        ``"segments"`` path caches its per-segment matrices up to this size and rebuilds
+        the others on every call).
     max_chunk_samples: samples per chunk of the on-the-fly path (memory bound).
     """
 
@@ -77,8 +85,8 @@ class Projector(LinearOperator):
             raise TypeError(f"grid must be an ImageGrid, got {type(grid).__name__}")
         if backend not in ("auto", "torch", "parallelproj"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'parallelproj', got {backend!r}")
-        if method not in ("auto", "matrix", "on-the-fly"):
-            raise ValueError(f"method must be 'auto', 'matrix' or 'on-the-fly', got {method!r}")
+        if method not in ("auto", "matrix", "segments", "on-the-fly"):
+            raise ValueError(f"method must be 'auto', 'matrix', 'segments' or 'on-the-fly', got {method!r}")
         if backend == "auto":
             backend = "parallelproj" if parallelproj_available() else "torch"
         if backend == "parallelproj" and not parallelproj_available():
@@ -92,17 +100,30 @@ class Projector(LinearOperator):
         self._options = dict(method=method, psf_fwhm_mm=psf_fwhm_mm, matrix_budget_bytes=matrix_budget_bytes,
                              max_chunk_samples=max_chunk_samples)
         self.psf = GaussianPSF(grid, psf_fwhm_mm, device=self._device) if psf_fwhm_mm else None
-        self._start, self._end = sinogram.lor_endpoints(torch.float64)
-        self._sampler = None
+        self._endpoints = None  # every bin's (start, end), built when a path needs them
+        self._sampler_obj = None
         self._matrices: dict = {}
         self._subset_cache: dict = {}
         self._otf = None
+        self._seg = None
         self.method = None
         if backend == "torch":
-            self._sampler = JosephSampler(self._start, self._end, grid)
+            reason = None
+            if method in ("auto", "segments"):
+                reason = AxialSegments.unsupported_reason(sinogram, grid)
+                if method == "segments" and reason:
+                    raise ValueError(f"method='segments' does not apply: {reason}; use 'matrix' or 'on-the-fly'")
+            if method in ("auto", "segments") and not reason:
+                self._seg = AxialSegments(sinogram, grid, matrix_budget_bytes, max_chunk_samples)
             if method == "auto":
-                est = self._sampler.estimated_nnz() * (8 + 8) * 2
-                method = "matrix" if est <= matrix_budget_bytes else "on-the-fly"
+                nnz = self._seg.estimated_nnz() if self._seg is not None else self._sampler.estimated_nnz()
+                if nnz * (8 + 8) * 2 <= matrix_budget_bytes:
+                    method = "matrix"
+                else:
+                    method = "segments" if self._seg is not None else "on-the-fly"
+            if method != "segments":
+                self._seg = None
+                self._sampler  # validates the geometry now
             self.method = method
             if method == "on-the-fly":
                 self._otf = OnTheFly(self._sampler, max_chunk_samples)
@@ -125,6 +146,24 @@ class Projector(LinearOperator):
                 f"out_shape={self.out_shape}, device={str(self.device)!r}, psf={self.psf is not None})")
 
     # -- geometry helpers ---------------------------------------------------------------
+    @property
+    def _start(self) -> torch.Tensor:
+        if self._endpoints is None:
+            self._endpoints = self.sinogram.lor_endpoints(torch.float64)
+        return self._endpoints[0]
+
+    @property
+    def _end(self) -> torch.Tensor:
+        self._start
+        return self._endpoints[1]
+
+    @property
+    def _sampler(self) -> JosephSampler:
+        """Joseph samples of every bin (matrix and on-the-fly paths; built on first use)."""
+        if self._sampler_obj is None:
+            self._sampler_obj = JosephSampler(self._start, self._end, self.grid)
+        return self._sampler_obj
+
     def lor_endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Start and end points (mm) of every bin, each ``(planes, views, radial, 3)`` as (x, y, z)."""
         return self._start.clone(), self._end.clone()
@@ -145,7 +184,10 @@ class Projector(LinearOperator):
         return Projector(self.sinogram, self.grid, self.backend, device, **self._options)
 
     def matrix_nnz(self) -> int | None:
-        """Non-zeros of the system matrix (matrix path), else None."""
+        """Non-zeros of the system matrix (matrix path) or of the per-segment matrices built
+        so far (segments path), else None."""
+        if self._seg is not None:
+            return sum(self._seg.nnz.values()) if self._seg.nnz else None
         for v in self._matrices.values():
             return v[2]
         return None
@@ -165,6 +207,8 @@ class Projector(LinearOperator):
         elif self.method == "matrix":
             A, _, _ = self._csr(x.dtype)
             y = csr_matmul(A, x.reshape(N, -1))
+        elif self.method == "segments":
+            y = self._seg.forward(x.reshape((N,) + self.in_shape))
         else:
             y = self._otf.forward(x)
         return y.reshape((N,) + self.out_shape)
@@ -176,6 +220,8 @@ class Projector(LinearOperator):
         elif self.method == "matrix":
             _, At, _ = self._csr(y.dtype)
             x = csr_matmul(At, y.reshape(N, -1))
+        elif self.method == "segments":
+            x = self._seg.adjoint(y.reshape(N, -1))
         else:
             x = self._otf.adjoint(y.reshape(N, -1))
         x = x.reshape((N,) + self.in_shape)
