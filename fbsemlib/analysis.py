@@ -39,7 +39,6 @@ from . import metrics
 
 __all__ = [
     "as_batch",
-    "load_net",
     "network_table",
     "parameter_counts",
     "strengths",
@@ -72,18 +71,6 @@ GEOMETRY_KEYS = ("scanner", "num_rings", "max_ring_difference", "image_shape", "
 def as_batch(item: Mapping[str, Any]) -> dict:
     """A dataset item with a leading batch dimension on every tensor."""
     return {k: (v[None] if torch.is_tensor(v) else v) for k, v in item.items()}
-
-
-def load_net(run, projector):
-    """The trained FBSEM-Net of ``run`` (a :class:`fbsemlib.experiments.Run` or a training
-    folder) on ``projector`` (eval mode). Nets loaded onto the SAME projector share its
-    cached subset system matrices (``Run.load`` rebuilds a projector for every net)."""
-    from pathlib import Path
-
-    from .training import load_trained
-
-    path = Path(getattr(run, "path", run))
-    return load_trained(path, device=projector.device, projector=projector)[0]
 
 
 def network_table(net) -> list[dict]:

@@ -117,6 +117,9 @@ class Run:
     metrics: dict
 
     def load(self, device=None):
+        """``(net, configs)`` of :func:`fbsemlib.training.load_trained`: runs of the same
+        geometry on the same device share one projector (and its subset system matrices),
+        however often they are loaded."""
         from .training import load_trained
 
         return load_trained(self.path, device=device)

@@ -92,6 +92,7 @@ The sequential cache is not saved: on resume it is rebuilt by running the finish
 
 from __future__ import annotations
 
+import collections
 import copy
 import csv
 import dataclasses
@@ -101,6 +102,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -1469,6 +1471,34 @@ def build_projector(spec: dict, device="cpu"):
                      backend=backend, device=device, psf_fwhm_mm=None if psf is None else tuple(psf))
 
 
+#: how many projectors :func:`shared_projector` keeps (least recently used dropped first)
+PROJECTOR_CACHE_SIZE = 4
+_projectors: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+_projectors_lock = threading.Lock()
+
+
+def shared_projector(spec: dict, device="cpu"):
+    """:func:`build_projector`, one projector per geometry: models of the same geometry
+    (:func:`projector_spec`) on the same device get the SAME projector object, so its
+    ordered-subset projectors and their system matrices (built lazily, one per dtype) are
+    built once, not for every loaded model. Keeps the :data:`PROJECTOR_CACHE_SIZE` most
+    recently used projectors."""
+    dev = torch.device(device)
+    key = json.dumps({"spec": spec, "device": str(dev)}, sort_keys=True, default=str)
+    with _projectors_lock:
+        P = _projectors.get(key)
+        if P is not None:
+            _projectors.move_to_end(key)
+            return P
+    P = build_projector(spec, dev)
+    with _projectors_lock:
+        P = _projectors.setdefault(key, P)  # another thread may have built it meanwhile
+        _projectors.move_to_end(key)
+        while len(_projectors) > PROJECTOR_CACHE_SIZE:
+            _projectors.popitem(last=False)
+    return P
+
+
 def load_trained(out_dir: str | os.PathLike, device=None, allow_partial: bool = False, projector=None):
     """Load a trained model from a training folder.
 
@@ -1477,8 +1507,8 @@ def load_trained(out_dir: str | os.PathLike, device=None, allow_partial: bool = 
     (:class:`TrainConfig`), ``mode``, ``data`` (recipe / geometry dicts), ``projector``,
     ``structure``, ``metrics`` and ``versions``. Reads ``model.pt``; with
     ``allow_partial`` an unfinished run's ``checkpoint.pt`` is used when there is no
-    ``model.pt``. ``projector`` replaces the rebuilt projector (it must have the same
-    geometry)."""
+    ``model.pt``. The projector is :func:`shared_projector` (models of one geometry share
+    it); ``projector`` replaces it (it must have the same geometry)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise UserError(f"model folder {str(out)!r} does not exist")
@@ -1501,7 +1531,7 @@ def load_trained(out_dir: str | os.PathLike, device=None, allow_partial: bool = 
         raise UserError(f"no trained model in {str(out)!r}: {MODEL_NAME} is missing{hint}")
     model_cfg = from_dict(ModelConfig, cfgs["model"], "model")
     train_cfg = from_dict(TrainConfig, cfgs["train"], "train")
-    P = projector if projector is not None else build_projector(cfgs["projector"], dev)
+    P = projector if projector is not None else shared_projector(cfgs["projector"], dev)
     if projector is not None:
         spec = projector_spec(projector)
         diffs = [d for d in diff(cfgs["projector"], spec, _CHECKPOINT_VS_NOW, "projector") if not d.startswith("projector.backend")]

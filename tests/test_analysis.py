@@ -192,15 +192,6 @@ def test_generalisation_table_and_verdict():
     assert hi["better"] == 1
 
 
-def test_load_net_shares_the_projector(smoke_model, test_split):
-    P = test_split.make_projector("cpu")
-    a, b = an.load_net(smoke_model, P), an.load_net(smoke_model, P)
-    assert a.projector is P and b.projector is P and not a.training
-    item = test_split[0]
-    b1 = an.as_batch(item)
-    torch.testing.assert_close(RV.module_outputs(a, b1), RV.module_outputs(b, b1))
-
-
 def test_variant_sections():
     s = an.variant_sections("smoke", "lowcounts", {"counts_range": [1e4, 2e4], "phantom.lesion_radius_mm": [6, 9]},
                             seed=7, num_subjects=3)

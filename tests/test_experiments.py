@@ -52,3 +52,39 @@ def test_parallel_requests_train_once(smoke_dataset, tmp_path, monkeypatch):
 
     lines = (Path(outs[0]) / "log_stages.csv").read_text().splitlines()
     assert len(lines) == 1 + 8  # header + one row per stage: trained exactly once
+
+
+def test_runs_share_one_projector_per_geometry(smoke_model, monkeypatch):
+    """Run.load reuses the projector (and its subset system matrices) of a geometry instead
+    of rebuilding it for every loaded model; the cache is bounded."""
+    import copy
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from fbsemlib import training
+
+    monkeypatch.setattr(training, "_projectors", type(training._projectors)())
+    run = ex.Run(Path(smoke_model), "sequential", {}, {})
+    a, cfgs = run.load(device="cpu")
+    b, _ = run.load(device="cpu")
+    assert a is not b and a.projector is b.projector
+    assert all(p is q for p, q in zip(a.subset_projectors, b.subset_projectors))
+    assert len(training._projectors) == 1
+    c, _ = training.load_trained(smoke_model, device=torch.device("cpu"))
+    assert c.projector is a.projector
+    assert not a.training and not b.training
+    # a model can still be given its own projector
+    own = training.build_projector(cfgs["projector"], "cpu")
+    d, _ = training.load_trained(smoke_model, device="cpu", projector=own)
+    assert d.projector is own and d.projector is not a.projector
+    # bounded: the least recently used geometry is dropped
+    monkeypatch.setattr(training, "PROJECTOR_CACHE_SIZE", 1)
+    spec = json.loads(json.dumps(cfgs["projector"]))
+    other = copy.deepcopy(spec)
+    other["psf_fwhm_mm"] = [1.0, 1.0, 1.0] if spec.get("psf_fwhm_mm") is None else None
+    p_other = training.shared_projector(other, "cpu")
+    assert p_other is not a.projector and len(training._projectors) == 1
+    assert training.shared_projector(other, "cpu") is p_other
+    assert training.shared_projector(spec, "cpu") is not a.projector  # evicted, rebuilt
