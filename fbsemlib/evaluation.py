@@ -112,14 +112,23 @@ def _fbsem_recon(net, batch, device) -> torch.Tensor:
                batch["mr"].to(device) if net.config.use_mr else None)
 
 
+#: test samples reconstructed together by :func:`evaluate` (the results do not depend on it)
+EVAL_BATCH_SIZE = 8
+
+
 def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig | None = None,
-             methods=("fbsem",) + BASELINE_METHODS, progress: bool = False, net=None, sweep_result=None) -> dict:
+             methods=("fbsem",) + BASELINE_METHODS, progress: bool = False, net=None, sweep_result=None,
+             batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Evaluate a trained model (folder, or ``net``) and the baselines on the test split of
     ``data_dir``. Returns ``{"rows", "summary", "bias_std", "sweep", "config"}``. A
-    precomputed validation ``sweep_result`` skips the baseline sweep."""
+    precomputed validation ``sweep_result`` skips the baseline sweep. ``batch_size`` test
+    samples are reconstructed at once (every method treats the samples of a batch
+    independently: the results are those of one sample at a time, to float rounding)."""
     from .datasets import PETDataset
     from .training import load_trained
 
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.time()
     test = PETDataset(data_dir, "test")
     val = PETDataset(data_dir, "validation")
@@ -143,30 +152,36 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
 
     rows: list[dict] = []
     recon_by_method: dict[str, list] = {m: [] for m in methods}
-    for i in range(len(test)):
-        item = test[i]
-        batch = {k: (v[None] if torch.is_tensor(v) else v) for k, v in item.items()}
-        extra = test.extra(i, ("lesion_mask_pet",))
-        labels = extra["lesion_mask_pet"][0]
-        info = test.lesion_info(i)
-        meta = test.info(i)
-        act, brain = item["activity"].to(P.device), item["brain_mask"].to(P.device)
-        wm = white_matter_mask(act, brain, labels.to(P.device)[None])
+    n, bs = len(test), int(batch_size)
+    for start in range(0, n, bs):
+        idx = list(range(start, min(start + bs, n)))
+        items = [test[i] for i in idx]
+        batch = {k: torch.stack([it[k] for it in items]) for k, v in items[0].items() if torch.is_tensor(v)}
+        recons = {}
         for method in methods:
             if method == "fbsem":
-                x = _fbsem_recon(net, batch, P.device)[0]
+                recons[method] = _fbsem_recon(net, batch, P.device)
             else:
-                x = reconstruct(method, best.get(method), batch, P, test.num_iterations, test.num_subsets,
-                                cfg.bowsher_neighbours)[0]
-            recon_by_method[method].append(x.cpu())
-            row = {"method": method, "strength": best.get(method) if method != "fbsem" else None, "sample": i,
-                   "subject": meta.get("subject"), "image": meta.get("image_index", meta.get("image")),
-                   "realisation": meta.get("realisation"),
-                   "nrmse": float(metrics.nrmse(x, act, brain)), "psnr": float(metrics.psnr(x, act, brain)),
-                   "ssim": float(metrics.ssim(x, act, brain))}
-            row.update(lesion_metrics(x[0], act[0], brain[0], labels.to(P.device), info))
-            row["bv_wm"] = float(metrics.background_variability(x, wm)) if int(wm.sum()) > 1 else None
-            rows.append(row)
+                recons[method] = reconstruct(method, best.get(method), batch, P, test.num_iterations,
+                                             test.num_subsets, cfg.bowsher_neighbours)
+        for j, (i, item) in enumerate(zip(idx, items)):
+            extra = test.extra(i, ("lesion_mask_pet",))
+            labels = extra["lesion_mask_pet"][0]
+            info = test.lesion_info(i)
+            meta = test.info(i)
+            act, brain = item["activity"].to(P.device), item["brain_mask"].to(P.device)
+            wm = white_matter_mask(act, brain, labels.to(P.device)[None])
+            for method in methods:
+                x = recons[method][j]
+                recon_by_method[method].append(x.cpu())
+                row = {"method": method, "strength": best.get(method) if method != "fbsem" else None, "sample": i,
+                       "subject": meta.get("subject"), "image": meta.get("image_index", meta.get("image")),
+                       "realisation": meta.get("realisation"),
+                       "nrmse": float(metrics.nrmse(x, act, brain)), "psnr": float(metrics.psnr(x, act, brain)),
+                       "ssim": float(metrics.ssim(x, act, brain))}
+                row.update(lesion_metrics(x[0], act[0], brain[0], labels.to(P.device), info))
+                row["bv_wm"] = float(metrics.background_variability(x, wm)) if int(wm.sum()) > 1 else None
+                rows.append(row)
 
     # bias / std over the noise realisations of each test image
     groups: dict[tuple, list[int]] = {}

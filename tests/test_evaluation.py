@@ -106,3 +106,31 @@ def test_evaluate_cli_and_reconstruct(smoke_model, smoke_dataset, tmp_path):
 
 def test_evaluate_refuses_mismatched_model(smoke_dataset, tmp_path):
     assert main(["evaluate", "--model", str(tmp_path / "none"), "--data", str(smoke_dataset)]) == 2
+
+
+def test_evaluate_in_batches_matches_one_sample_at_a_time(smoke_model, smoke_dataset):
+    from fbsemlib.baselines import SweepResult
+
+    given = SweepResult("given", {}, {"osem_postfilter": 4.0, "mapem_quadratic": 0.05, "mapem_bowsher": 0.05})
+    methods = ("fbsem",) + METHODS
+    n_test = len(PETDataset(smoke_dataset, "test"))
+    assert n_test > 3  # so that batches of 3 leave a short last batch or several batches
+    one = evaluate(smoke_model, smoke_dataset, methods=methods, sweep_result=given, batch_size=1)
+    many = evaluate(smoke_model, smoke_dataset, methods=methods, sweep_result=given, batch_size=3)
+    assert len(one["rows"]) == len(many["rows"]) == n_test * len(methods)
+    for a, b in zip(one["rows"], many["rows"]):
+        assert (a["method"], a["sample"], a["subject"], a["image"]) == (b["method"], b["sample"], b["subject"],
+                                                                        b["image"])
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (a["method"], a["sample"], k)
+            else:
+                assert b[k] == v, (a["method"], a["sample"], k)
+    for m in methods:
+        for k in ("bias_percent", "std_percent"):
+            if one["bias_std"][m][k] is None:
+                assert many["bias_std"][m][k] is None
+            else:
+                assert many["bias_std"][m][k] == pytest.approx(one["bias_std"][m][k], rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(smoke_model, smoke_dataset, methods=("osem",), batch_size=0)
