@@ -402,17 +402,6 @@ def _is_oom(e: BaseException) -> bool:
                                                           or isinstance(e, MemoryError))
 
 
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 #: The 3D problem of the memory measurements, per book profile (keyword arguments of
 #: :func:`fbsemlib.memory.memory_problem`, config ``None``): the chapters that show the 3D
 #: memory (8: 3D, 9: results, 10: performance) use these, so they share one cached sweep.
@@ -454,7 +443,7 @@ def memory_sweep(config: Any = None, Ks: Sequence[int] = (1, 2, 5, 10, 20, 40, 6
 
     from .book import cache_dir
     from .experiments import config_hash
-    from .memory import measure_training_memory, memory_problem, resolve_spec
+    from .memory import available_bytes, measure_training_memory, memory_problem, resolve_spec
 
     spec = resolve_spec(config, **problem_kwargs)
     Ks = [int(k) for k in Ks]
@@ -476,7 +465,7 @@ def memory_sweep(config: Any = None, Ks: Sequence[int] = (1, 2, 5, 10, 20, 40, 6
                 continue
             if torch.device(device).type == "cpu" and len(done) >= 2:
                 pred = extrapolate_linear([d[0] for d in done], [d[1] for d in done], K)
-                avail = _available_bytes()
+                avail = available_bytes()
                 if avail is not None and pred > host_fraction * avail:
                     rows.append({**row, "status": "skipped", "predicted_bytes": int(pred),
                                  "reason": f"predicted {pred / 2**30:.1f} GiB > {host_fraction:.0%} of the free memory"})

@@ -128,6 +128,8 @@ __all__ = [
     "memory_problem",
     "measure_training_memory",
     "cmd_memory",
+    "proc_kib",
+    "available_bytes",
 ]
 
 MODES = ("end-to-end", "checkpointed", "sequential")
@@ -966,16 +968,28 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _vm_hwm() -> int | None:
-    """This process's RSS high-water mark (``VmHWM``), or None where /proc lacks it."""
+def proc_kib(path: str, field: str) -> int | None:
+    """The ``field:`` line of a ``/proc`` file of ``key: value kB`` lines
+    (``/proc/meminfo``, ``/proc/self/status``) in bytes, or None where the file or the
+    field is missing (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _vm_hwm() -> int | None:
+    """This process's RSS high-water mark (``VmHWM``), or None where /proc lacks it."""
+    return proc_kib("/proc/self/status", "VmHWM")
+
+
+def available_bytes() -> int | None:
+    """Memory available for new allocations (``MemAvailable``), or None where /proc lacks it."""
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def _child_main() -> None:  # pragma: no cover - runs in the subprocess

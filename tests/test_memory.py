@@ -276,3 +276,17 @@ def test_cuda_linear_flat_and_ordered():
     ck60 = measure_training_memory(p, 60, "checkpointed", device="cuda")
     assert seq60.peak_bytes < ck60.peak_bytes < e2e60.peak_bytes
     assert seq60.peak_bytes <= 0.10 * e2e60.peak_bytes
+
+
+def test_proc_kib(tmp_path):
+    from fbsemlib import memory
+
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:       16000 kB\nMemAvailable:    8000 kB\nVmHWMish: 3 kB\nBroken:\n")
+    assert memory.proc_kib(str(f), "MemAvailable") == 8000 * 1024
+    assert memory.proc_kib(str(f), "MemTotal") == 16000 * 1024
+    assert memory.proc_kib(str(f), "VmHWM") is None  # a prefix of another field is not that field
+    assert memory.proc_kib(str(f), "Broken") is None and memory.proc_kib(str(f), "Nope") is None
+    assert memory.proc_kib(str(tmp_path / "missing"), "MemAvailable") is None
+    if Path("/proc/meminfo").exists():
+        assert memory.available_bytes() > 0 and memory._vm_hwm() > 0
