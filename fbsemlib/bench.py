@@ -147,12 +147,19 @@ def _scipy_csr(P: Projector):
     return A, A.T.tocsr()
 
 
+MMR_RING_SPACING_MM = 4.0625
+MMR_3D_MAX_RING_DIFFERENCE = 10  # 1234 planes: ~15 s forward + adjoint on 2 cores, ~4.6 GiB of matrices
+MATRIX_BUDGET_3D_BYTES = 8 << 30
+
+
 def bench_projector(quick: bool = False, device: str | None = None, repeats: int | None = None) -> list[dict]:
     """Forward + adjoint time per image (float32) at batch 1 and 16.
 
     2D: a 128 x 128 parallel-beam geometry (180 views x 185 bins, 1 mm) -- torch matrix,
     torch on-the-fly, scipy CSR and ASTRA's CPU Joseph -- and the 2D mMR geometry.
-    3D: an mMR-sized geometry with a ring-difference limit (on-the-fly), CPU and CUDA.
+    3D (CPU and CUDA): the full 64-ring mMR (span 1, ring difference <= 10) with the
+    axial-segment path, and an 8-ring slab where the segment path and the on-the-fly path
+    are timed side by side (``speedup_vs_on_the_fly``).
     """
     reps = repeats or (2 if quick else 7)
     rows: list[dict] = []
@@ -206,28 +213,59 @@ def bench_projector(quick: bool = False, device: str | None = None, repeats: int
         t = time_callable(lambda: P.adjoint(P(x)), reps)["median_s"]
         rows.append(dict(case="2D mMR", impl="parallelproj", device="cpu", batch=1, s_per_image=t))
 
-    # ---- 3D mMR-sized (on-the-fly)
+    # ---- 3D mMR: the axial-segment path on the full scanner, and against on-the-fly on a slab
     if quick:
-        sino3, g3 = sinogram_preset("small3d", num_rings=4, max_ring_difference=1), ImageGrid((4, 24, 24), (4.0, 8.0, 8.0))
+        slab = (sinogram_preset("small3d", num_rings=4, max_ring_difference=1), ImageGrid((8, 24, 24), (2.0, 8.0, 8.0)))
+        full = (sinogram_preset("small3d", num_rings=6, max_ring_difference=2), ImageGrid((12, 24, 24), (2.0, 8.0, 8.0)))
     else:
-        # an 8-ring slab of the mMR (span 1, ring difference <= 1): 22 planes x 252 views x 345
-        # bins, 15 x 172 x 172 voxels (the full 64-ring scanner is ~20x more LORs: on a GPU
-        # or with parallelproj)
-        sino3 = sinogram_preset("mmr", num_rings=8, max_ring_difference=1)
-        g3 = ImageGrid((15, 172, 172), (2.031, 2.086, 2.086))
+        # mMR voxels: z = half the ring spacing (4.0625 / 2), so rings sit on voxel slices and
+        # every plane of a ring difference is an axial shift of one reference plane
+        vox = (MMR_RING_SPACING_MM / 2, 2.08626, 2.08626)
+        # an 8-ring slab (span 1, ring difference <= 1): 22 planes, 15 x 172 x 172 voxels
+        slab = (sinogram_preset("mmr", num_rings=8, max_ring_difference=1), ImageGrid((15, 172, 172), vox))
+        # the full 64-ring scanner (127 x 172 x 172 voxels), span 1, ring difference <= 10
+        full = (sinogram_preset("mmr", max_ring_difference=MMR_3D_MAX_RING_DIFFERENCE), ImageGrid((127, 172, 172), vox))
+    reps3 = reps if quick else 3
     for dev in devices:
-        P = Projector(sino3, g3, backend="torch", method="on-the-fly", device=dev)
-        x = torch.rand(1, *g3.shape, device=dev)
-        tf = time_callable(lambda: P(x), 1 if not quick else reps, warmup=1, sync=dev == "cuda")["median_s"]
-        y = P(x)
-        ta = time_callable(lambda: P.adjoint(y), 1 if not quick else reps, warmup=0, sync=dev == "cuda")["median_s"]
-        rows.append(dict(case=f"3D mMR {g3.shape}, sinogram {sino3.shape}", impl="fbsemlib-torch-on-the-fly", device=dev,
-                         batch=1, s_per_image=tf + ta, forward_s=tf, adjoint_s=ta))
+        slab_t = {}
+        for which, (sino3, g3) in (("slab", slab), ("full", full)):
+            methods = ("on-the-fly", "segments") if which == "slab" else ("segments",)
+            for method in methods:
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                t0 = time.perf_counter()
+                P = Projector(sino3, g3, backend="torch", method=method, device=dev,
+                              matrix_budget_bytes=MATRIX_BUDGET_3D_BYTES)
+                x = torch.rand(1, *g3.shape, device=dev)
+                if method == "segments":
+                    y = P(x)  # builds (and caches) the per-segment matrices
+                    setup = time.perf_counter() - t0
+                    tf = time_callable(lambda: P(x), reps3, warmup=0, sync=dev == "cuda")["median_s"]
+                else:  # slow: one timed call after one warm-up call
+                    setup = time.perf_counter() - t0
+                    tf = time_callable(lambda: P(x), 1 if not quick else reps3, warmup=1, sync=dev == "cuda")["median_s"]
+                    y = P(x)
+                ta = time_callable(lambda: P.adjoint(y), 1 if method == "on-the-fly" and not quick else reps3,
+                                   warmup=0, sync=dev == "cuda")["median_s"]
+                row = dict(case=f"3D mMR {which} {g3.shape}, sinogram {sino3.shape}", impl=f"fbsemlib-torch-{method}",
+                           device=dev, batch=1, s_per_image=tf + ta, forward_s=tf, adjoint_s=ta, setup_s=setup,
+                           num_rings=sino3.scanner.num_rings, max_ring_difference=sino3.max_ring_difference,
+                           planes=sino3.num_planes, image_shape=list(g3.shape), load_avg_1min=load)
+                if method == "segments":
+                    row.update(matrix_bytes=P._seg.cached_bytes, matrix_nnz=P.matrix_nnz(),
+                               segments_rebuilt_per_call=len(P._seg._rebuilt))
+                if which == "slab":
+                    slab_t[method] = tf + ta
+                    if method == "segments":
+                        row["speedup_vs_on_the_fly"] = slab_t["on-the-fly"] / (tf + ta)
+                rows.append(row)
+                del P, y
     if parallelproj_available():
+        sino3, g3 = full
         P = Projector(sino3, g3, backend="parallelproj")
         x = torch.rand(1, *g3.shape)
         t = time_callable(lambda: P.adjoint(P(x)), 1)["median_s"]
-        rows.append(dict(case=f"3D mMR {g3.shape}", impl="parallelproj", device="cpu", batch=1, s_per_image=t))
+        rows.append(dict(case=f"3D mMR full {g3.shape}, sinogram {sino3.shape}", impl="parallelproj", device="cpu",
+                         batch=1, s_per_image=t))
     return rows
 
 

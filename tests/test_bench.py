@@ -16,6 +16,11 @@ def test_projector_benchmark_quick_writes_json(tmp_path):
     impls = {r["impl"] for r in doc["rows"]}
     assert {"fbsemlib-torch-matrix", "fbsemlib-torch-on-the-fly", "scipy-csr"} <= impls
     assert all(r["s_per_image"] > 0 for r in doc["rows"])
+    seg = [r for r in doc["rows"] if r["impl"] == "fbsemlib-torch-segments" and r["device"] == "cpu"]
+    assert len(seg) == 2  # the slab (side by side with on-the-fly) and the full scanner
+    assert seg[0]["speedup_vs_on_the_fly"] > 0 and seg[0]["case"].startswith("3D mMR slab")
+    assert seg[1]["case"].startswith("3D mMR full") and seg[1]["planes"] > seg[0]["planes"]
+    assert all(r["matrix_bytes"] > 0 and r["forward_s"] > 0 and r["adjoint_s"] > 0 for r in seg)
 
 
 def test_benchmark_script_runs(tmp_path):
