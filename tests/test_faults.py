@@ -74,18 +74,19 @@ def _timed_run(cmd: list[str], watch: Path) -> tuple[float, float]:
     return (total if seen is None else seen), total
 
 
-def _kill_at_random(cmd: list[str], watch: Path, delay: float, timeout: float = 300) -> int:
-    """Start ``cmd``, wait until ``watch`` exists, wait ``delay`` s more, SIGKILL it.
-    Returns the exit status (``-SIGKILL`` when the kill landed)."""
+def _kill_when(cmd: list[str], ready, delay: float, timeout: float = 300, what: str = "ready") -> int:
+    """Start ``cmd``, wait until ``ready()`` is true (the process must still be running),
+    wait ``delay`` s more, SIGKILL it. Returns the exit status (``-SIGKILL`` when the kill
+    landed)."""
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     try:
-        while not watch.exists():
+        while not ready():
             if p.poll() is not None:
-                raise AssertionError(f"exited before {watch.name} appeared: {p.stderr.read()[-3000:]}")
+                raise AssertionError(f"exited before {what}: {p.stderr.read()[-3000:]}")
             if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"{watch} never appeared")
-            time.sleep(0.01)
+                raise AssertionError(f"never {what}")
+            time.sleep(0.002)
         time.sleep(delay)
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
@@ -95,6 +96,11 @@ def _kill_at_random(cmd: list[str], watch: Path, delay: float, timeout: float = 
             p.kill()
         p.stderr.close()
     return p.returncode
+
+
+def _kill_at_random(cmd: list[str], watch: Path, delay: float, timeout: float = 300) -> int:
+    """:func:`_kill_when` ``watch`` exists."""
+    return _kill_when(cmd, watch.exists, delay, timeout, f"{watch.name} appeared")
 
 
 def _model_state(out: Path) -> dict:
@@ -171,27 +177,14 @@ def test_sigkill_during_simulate_leaves_no_valid_dataset_and_rerun_completes(sim
     rng = random.Random(5)
     delay = rng.uniform(0.0, 0.1)  # subjects are written ~10 ms apart after a ~2 s set-up
     for attempt in range(4):
-        p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            t0 = time.monotonic()
-            while not list(tmp_path.glob("ds.tmp-*/subject-*.h5")):  # at least one subject finished
-                assert p.poll() is None, p.stderr.read()[-3000:]
-                assert time.monotonic() - t0 < 120
-                time.sleep(0.002)
-            time.sleep(delay)
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=60)
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.stderr.close()
+        rc = _kill_when(cmd, lambda: bool(list(tmp_path.glob("ds.tmp-*/subject-*.h5"))),  # one subject finished
+                        delay, timeout=120, what="a subject was written")
         if not out.exists():  # killed before the final rename (else: complete, remove it and retry sooner)
             break
         validate_dataset(out)
         shutil.rmtree(out)
         delay /= 4
-    assert p.returncode == -signal.SIGKILL and not out.exists()
+    assert rc == -signal.SIGKILL and not out.exists()
     with pytest.raises(DatasetError):
         validate_dataset(out)
     tmps = list(tmp_path.glob("ds.tmp-*"))
@@ -215,6 +208,13 @@ def _resume_args(ref: dict, data: Path, out: Path, mode: str) -> list[str]:
             "--resume", "--no-progress"]
 
 
+def _refused_resume(ref: dict, data: Path, out: Path, capsys) -> str:
+    """``fbsem train --resume`` of ``out`` on ``data`` must be refused (exit status 2);
+    returns what it printed on stderr."""
+    assert main(_resume_args(ref, data, out, "sequential")) == 2
+    return capsys.readouterr().err
+
+
 def _edited_run(ref: dict, tmp_path: Path, edit) -> Path:
     """A copy of a finished run whose checkpoint is edited and marked unfinished."""
     out = tmp_path / "edited"
@@ -232,8 +232,7 @@ def test_checkpoint_of_another_format_version_or_geometry_is_refused(reference_r
     ref = reference_runs["sequential"]
     out = _edited_run(ref, tmp_path / "v", lambda ck: ck.update(format_version=999))
     before = (out / "checkpoint.pt").read_bytes()
-    assert main(_resume_args(ref, smoke_dataset, out, "sequential")) == 2
-    err = capsys.readouterr().err
+    err = _refused_resume(ref, smoke_dataset, out, capsys)
     assert "format version 999" in err and "reads version 1" in err, err
     assert (out / "checkpoint.pt").read_bytes() == before  # refused, not overwritten
 
@@ -242,8 +241,7 @@ def test_checkpoint_of_another_format_version_or_geometry_is_refused(reference_r
         ck["configs"]["projector"]["grid"]["voxel_size_mm"] = [2.0, 8.0, 8.0]
 
     out = _edited_run(ref, tmp_path / "g", other_geometry)
-    assert main(_resume_args(ref, smoke_dataset, out, "sequential")) == 2
-    err = capsys.readouterr().err
+    err = _refused_resume(ref, smoke_dataset, out, capsys)
     assert "data.geometry.scanner.crystals_per_side: checkpoint 7, now 6" in err, err
     assert "projector.grid.voxel_size_mm: checkpoint [2.0, 8.0, 8.0], now [2.0, 7.0, 7.0]" in err, err
 
@@ -268,8 +266,7 @@ def test_dataset_of_another_geometry_or_version_is_refused(reference_runs, smoke
     assert main(["simulate", "--config", str(sim_config), "--out", str(other), "--no-progress"]) == 0
     capsys.readouterr()
     out = _edited_run(ref, tmp_path / "r", lambda ck: None)
-    assert main(_resume_args(ref, other, out, "sequential")) == 2
-    err = capsys.readouterr().err
+    err = _refused_resume(ref, other, out, capsys)
     assert "cannot resume" in err and "data.grid" in err and "voxel_size_mm" in err, err
     # a dataset whose manifest says another format version or geometry
     bad = tmp_path / "bad"
@@ -278,13 +275,11 @@ def test_dataset_of_another_geometry_or_version_is_refused(reference_runs, smoke
     m = json.loads(mp.read_text())
     m["geometry"]["scanner"]["crystals_per_side"] = 7
     mp.write_text(json.dumps(m))
-    assert main(_resume_args(ref, bad, out, "sequential")) == 2
-    err = capsys.readouterr().err
+    err = _refused_resume(ref, bad, out, capsys)
     assert "crystals_per_side: dataset 6 vs expected 7" in err, err
     m["format_version"] = 999
     mp.write_text(json.dumps(m))
-    assert main(_resume_args(ref, bad, out, "sequential")) == 2
-    assert "version 999" in capsys.readouterr().err
+    assert "version 999" in _refused_resume(ref, bad, out, capsys)
 
 
 # ----------------------------------------------------------------------------------------
