@@ -33,6 +33,13 @@ Choices (stated here, and in the book):
   the final high-count reference (each module is asked to jump to the reference, a greedy
   layer-wise scheme). It is an ablation; the paper's method is ``iteration-dependent``.
 * **loss_weights** only weight the end-to-end loss; a sequential stage has a single loss.
+* **Warm start** (``warm_start: true``, the default; iteration-dependent networks,
+  sequential mode): stage ``k`` starts from module ``k-1``'s trained CNN and ``rho``
+  instead of a fresh random initialisation. Neighbouring modules solve nearly the same
+  problem, so a stage's few optimiser steps refine instead of starting over (cpu profile:
+  test NRMSE 20.5 % vs 21.1 % with fresh starts, same data and epochs; see the book). The
+  modules still end up with their own weights. End-to-end training initialises every
+  module independently (all are trained at once).
 * **Shared weights** (``model.shared: true``) in sequential mode: the network is shared, so
   at test time every module runs the *final* weights. Stage ``k`` fine-tunes the one shared
   CNN and ``rho`` against target ``k``, starting from the weights left by stage ``k-1``
@@ -183,6 +190,7 @@ class TrainConfig:
     loss_weights: str | list[float] = "uniform"  # "uniform" | "linear" | "last" | [w_0, ..., w_{K-1}] (end-to-end)
     epochs: int = 20  # end-to-end
     epochs_per_module: int = 5  # sequential: epochs of each stage
+    warm_start: bool = True  # sequential, iteration-dependent networks: module k starts from module k-1's trained weights
     batch_size: int = 4
     lr: float = 1e-3
     lr_schedule: str = "constant"  # "constant" | "cosine" | "step"
@@ -250,7 +258,7 @@ class TrainConfig:
             raise _err("cache", f"must be 'auto', 'memory' or 'disk', got {self.cache!r}")
         if not _is_num(self.cache_memory_mb) or self.cache_memory_mb < 0:
             raise _err("cache_memory_mb", f"must be a non-negative number, got {self.cache_memory_mb!r}")
-        for name in ("grad_checkpointing", "amp", "tensorboard"):
+        for name in ("grad_checkpointing", "amp", "tensorboard", "warm_start"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be true or false, got {getattr(self, name)!r}")
 
@@ -1281,6 +1289,16 @@ class SequentialTrainer(_Trainer):
         with torch.no_grad():
             net.rho[i] = sd["rho"].to(net.rho.device)
 
+    @torch.no_grad()
+    def _warm_start(self, k: int) -> None:
+        """Module ``k`` starts from module ``k-1``'s trained CNN and strength (``train.warm_start``).
+        Consecutive modules solve nearly the same problem (target ``k`` is one more EM
+        sub-iterate than target ``k-1``), so this is a far better start than a fresh random
+        one for the few optimiser steps a stage gets."""
+        net = self.model
+        net.regularisers[k].load_state_dict(net.regularisers[k - 1].state_dict())
+        net.rho[k] = net.rho[k - 1]
+
     def _train_mode(self, k: int) -> None:
         self.model.eval()
         self.model.regularisers[self.model.net_index(k)].train()
@@ -1336,6 +1354,8 @@ class SequentialTrainer(_Trainer):
             else:
                 self._build_caches(k)
             cache_time += time.perf_counter() - t
+        if c.warm_start and not shared and k > 0 and (ck is None or int(ck["counters"]["epoch"]) == 0):
+            self._warm_start(k)
         stage_start = _clone_state(net.state_dict()) if shared else None
         if ck is not None and ck.get("stage_start_state") is not None:
             stage_start = ck["stage_start_state"]

@@ -224,6 +224,24 @@ def test_sequential_freezes_other_modules_and_caches_are_exact(tmp_path, shared)
     assert sum(r["kind"] == "stage" for r in stages) == K
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_start_starts_each_module_from_the_previous_one(tmp_path, warm):
+    """train.warm_start: stage k begins with module k-1's trained CNN and rho. With a
+    vanishing learning rate a stage leaves its start (almost) unchanged, so warm-started
+    modules all equal module 0, and fresh ones keep their different random inits."""
+    its, subs = 1, 3
+    ds, val = data(its, subs)
+    net = make_net(its, subs)
+    SequentialTrainer(net, ds, val, cfg(lr=1e-12, epochs_per_module=1, warm_start=warm), tmp_path,
+                      progress=False).fit()
+    p0 = [p.detach() for p in net.regularisers[0].parameters()]
+    for k in range(1, net.num_modules):
+        pk = [p.detach() for p in net.regularisers[k].parameters()]
+        same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p0, pk))
+        assert same == warm
+        assert torch.allclose(net.rho[k], net.rho[0]) == warm or not warm
+
+
 def test_disk_cache_equals_memory_cache(tmp_path):
     ds, val = data(1, 2)
     outs = []
