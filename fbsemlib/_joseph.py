@@ -10,7 +10,7 @@ where ``p(t_k)`` is the crossing of plane ``k`` and ``interp`` is linear (2D) or
 bilinear (3D, across the other transaxial axis and z) interpolation with zero
 padding. Samples with ``t_k`` outside [0, 1] (beyond the endpoints) are dropped.
 
-Two ways to apply it:
+Three ways to apply it:
 
 * ``matrix``: the weights of every (LOR, voxel) pair are stored once as a CSR sparse
   matrix (and its transpose); forward and adjoint are sparse-dense products. Fastest
@@ -18,6 +18,10 @@ Two ways to apply it:
 * ``on-the-fly``: samples are generated per chunk of LORs and evaluated with
   ``grid_sample`` (forward) and its exact adjoint ``grid_sampler_*_backward``;
   memory is bounded by ``max_chunk_samples`` whatever the geometry size.
+* ``segments`` (:class:`AxialSegments`): span-1 ring geometries whose ring spacing is a
+  whole number of z voxels. Each plane is its segment's reference plane shifted axially,
+  so one matrix per ring difference serves all the segment's planes in one sparse @ dense
+  product; the same weights as ``matrix``, for full-scanner 3D sizes.
 """
 
 from __future__ import annotations

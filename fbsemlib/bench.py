@@ -148,7 +148,7 @@ def _scipy_csr(P: Projector):
 
 
 MMR_RING_SPACING_MM = 4.0625
-MMR_3D_MAX_RING_DIFFERENCE = 10  # 1234 planes: ~15 s forward + adjoint on 2 cores, ~4.6 GiB of matrices
+MMR_3D_MAX_RING_DIFFERENCE = 10  # 1234 planes: ~7 s forward + adjoint on 2 cores, 4.6 GiB of matrices
 MATRIX_BUDGET_3D_BYTES = 8 << 30
 
 
