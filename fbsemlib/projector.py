@@ -6,7 +6,7 @@ images ``(..., Z, Y, X)`` to sinograms ``(..., planes, views, radial)``.
 Backends
 --------
 ``"torch"``        Joseph's method written in torch (CPU and CUDA, float32/float64,
-                   differentiable). Two execution paths (``method=``):
+                   differentiable). Three execution paths (``method=``):
                    ``"matrix"`` -- a precomputed CSR system matrix (fastest; chosen by
                    ``"auto"`` when the matrix and its transpose fit
                    ``matrix_budget_bytes``, 1 GiB by default: every 2D geometry and
