@@ -122,7 +122,8 @@ def orthogonal_slices(volume, voxel_size_mm: Sequence[float], centre: Sequence[i
 def run_summary(run) -> dict:
     """Training facts of a :class:`fbsemlib.experiments.Run`: mode, modules, parameters,
     optimiser steps, epochs (end-to-end) or epochs per module (sequential), training time
-    and, for sequential runs, the time spent building / propagating the input cache."""
+    and, for sequential runs, the time spent building / propagating the input cache and
+    how many stages started from the previous module's weights (``train.stage_init``)."""
     m = run.metrics or {}
     tr = (run.key or {}).get("train", {})
     seq = run.mode == "sequential"
@@ -139,4 +140,6 @@ def run_summary(run) -> dict:
         "train_time_s": m.get("train_time_s"),
         "cache_time_s": float(sum(s.get("cache_time_s") or 0.0 for s in stages)) if seq else None,
         "peak_memory_mb": m.get("peak_memory_mb_per_stage_max") if seq else m.get("peak_memory_mb"),
+        "stage_init": tr.get("stage_init") if seq else None,
+        "warm_started_stages": sum(s.get("init") == "previous" for s in stages) if seq else None,
     }

@@ -33,13 +33,16 @@ Choices (stated here, and in the book):
   the final high-count reference (each module is asked to jump to the reference, a greedy
   layer-wise scheme). It is an ablation; the paper's method is ``iteration-dependent``.
 * **loss_weights** only weight the end-to-end loss; a sequential stage has a single loss.
-* **Warm start** (``warm_start: true``, the default; iteration-dependent networks,
-  sequential mode): stage ``k`` starts from module ``k-1``'s trained CNN and ``rho``
-  instead of a fresh random initialisation. Neighbouring modules solve nearly the same
-  problem, so a stage's few optimiser steps refine instead of starting over (cpu profile:
-  test NRMSE 20.5 % vs 21.1 % with fresh starts, same data and epochs; see the book). The
-  modules still end up with their own weights. End-to-end training initialises every
-  module independently (all are trained at once).
+* **Stage initialisation** (``stage_init``; iteration-dependent networks, sequential
+  mode): ``"fresh"`` starts every module from its own random initialisation;
+  ``"previous"`` starts module ``k`` from module ``k-1``'s trained CNN and ``rho`` (a warm
+  start: neighbouring modules solve nearly the same problem, so a stage's few optimiser
+  steps refine instead of starting over); ``"best"`` (the default) takes whichever of the
+  two has the lower loss on the stage's training inputs, because the previous module is
+  not always the better start (module 0 sees the uniform ``x0``; in a tiny overfitting test
+  module 1 learned far less from module 0's weights than from a fresh start). The chosen
+  start is logged per stage (``init``). The modules still end up with their own weights.
+  End-to-end training initialises every module independently.
 * **Shared weights** (``model.shared: true``) in sequential mode: the network is shared, so
   at test time every module runs the *final* weights. Stage ``k`` fine-tunes the one shared
   CNN and ``rho`` against target ``k``, starting from the weights left by stage ``k-1``
@@ -190,7 +193,7 @@ class TrainConfig:
     loss_weights: str | list[float] = "uniform"  # "uniform" | "linear" | "last" | [w_0, ..., w_{K-1}] (end-to-end)
     epochs: int = 20  # end-to-end
     epochs_per_module: int = 5  # sequential: epochs of each stage
-    warm_start: bool = True  # sequential, iteration-dependent networks: module k starts from module k-1's trained weights
+    stage_init: str = "best"  # sequential, iteration-dependent networks: start of module k: "fresh" | "previous" | "best"
     batch_size: int = 4
     lr: float = 1e-3
     lr_schedule: str = "constant"  # "constant" | "cosine" | "step"
@@ -258,7 +261,9 @@ class TrainConfig:
             raise _err("cache", f"must be 'auto', 'memory' or 'disk', got {self.cache!r}")
         if not _is_num(self.cache_memory_mb) or self.cache_memory_mb < 0:
             raise _err("cache_memory_mb", f"must be a non-negative number, got {self.cache_memory_mb!r}")
-        for name in ("grad_checkpointing", "amp", "tensorboard", "warm_start"):
+        if self.stage_init not in ("fresh", "previous", "best"):
+            raise _err("stage_init", f"must be 'fresh', 'previous' or 'best', got {self.stage_init!r}")
+        for name in ("grad_checkpointing", "amp", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be true or false, got {getattr(self, name)!r}")
 
@@ -411,7 +416,7 @@ _CSV_COLUMNS = {
     "epoch": ["mode", "stage", "epoch", "step", "train_loss", "val_loss", "val_nrmse", "val_nrmse_final", "lr",
               "gamma_mean", "gamma_min", "gamma_max", "best", "epoch_time_s", "time_s", "peak_memory_mb"],
     "stage": ["mode", "stage", "epochs_run", "best_epoch", "step", "train_loss", "val_loss", "val_nrmse", "gamma",
-              "stage_time_s", "cache_time_s", "cache", "time_s", "peak_memory_mb"],
+              "init", "stage_time_s", "cache_time_s", "cache", "time_s", "peak_memory_mb"],
 }
 _LOG_FILES = {"step": "log_steps.csv", "epoch": "log_epochs.csv", "stage": "log_stages.csv", "json": "log.jsonl"}
 
@@ -946,7 +951,7 @@ class _Trainer:
         if self.mode == "sequential":
             stages = [h for h in self.history if h.get("kind") == "stage"]
             metrics["stages"] = [{k: s.get(k) for k in ("stage", "epochs_run", "best_epoch", "train_loss", "val_loss",
-                                                        "val_nrmse", "gamma", "stage_time_s", "cache_time_s",
+                                                        "val_nrmse", "gamma", "init", "stage_time_s", "cache_time_s",
                                                         "peak_memory_mb")} for s in stages]
             metrics["cache"] = stages[-1].get("cache") if stages else None
             peaks = [s.get("peak_memory_mb") for s in stages if s.get("peak_memory_mb") is not None]
@@ -1290,14 +1295,52 @@ class SequentialTrainer(_Trainer):
             net.rho[i] = sd["rho"].to(net.rho.device)
 
     @torch.no_grad()
-    def _warm_start(self, k: int) -> None:
-        """Module ``k`` starts from module ``k-1``'s trained CNN and strength (``train.warm_start``).
-        Consecutive modules solve nearly the same problem (target ``k`` is one more EM
-        sub-iterate than target ``k-1``), so this is a far better start than a fresh random
-        one for the few optimiser steps a stage gets."""
+    def _init_stage(self, k: int, how: str) -> str:
+        """Start of module ``k >= 1`` (``train.stage_init``): ``"previous"`` copies module
+        ``k-1``'s trained CNN and strength; ``"best"`` keeps whichever of that and the fresh
+        initialisation has the lower loss on the stage's training inputs. Consecutive
+        modules solve nearly the same problem (target ``k`` is one EM sub-iterate further
+        than target ``k-1``), so the previous module is usually the better start for the
+        few optimiser steps a stage gets; not always (module 0 sees the uniform ``x0`` and
+        can be a poor start for module 1), hence ``"best"``. Returns ``"previous"`` or
+        ``"fresh"``."""
         net = self.model
-        net.regularisers[k].load_state_dict(net.regularisers[k - 1].state_dict())
-        net.rho[k] = net.rho[k - 1]
+        fresh = self._module_state(k)
+        prev = self._module_state(k - 1)
+        self._load_module_state(k, prev)
+        if how == "previous":
+            return "previous"
+        loss_prev = self._start_loss(k)
+        self._load_module_state(k, fresh)
+        loss_fresh = self._start_loss(k)
+        if loss_prev < loss_fresh:
+            self._load_module_state(k, prev)
+            return "previous"
+        return "fresh"
+
+    @torch.no_grad()
+    def _start_loss(self, k: int) -> float:
+        """Mean stage-``k`` loss over the training inputs with the module in training mode
+        (BatchNorm batch statistics, as its first optimiser steps see it); BatchNorm running
+        statistics are restored afterwards, so nothing changes."""
+        net = self.model
+        reg = net.regularisers[net.net_index(k)]
+        saved = {n: v.clone() for n, v in reg.state_dict().items()}
+        self._train_mode(k)
+        cache, ds = self._caches["train"], self.train_dataset
+        tl, n = 0.0, 0
+        for idx, b in self._loader(ds, _dist.shard(range(len(ds))), targets=self._stage_targets(k)):
+            b = self._to_dev(b)
+            ctx = self._context(b, idx, k, "train")
+            with self._autocast():
+                out = net.step(k, cache.x.get(idx).to(self.dev), ctx).float()
+            tl += float(relative_mse(out, self._step_targets(b))) * len(idx)
+            n += len(idx)
+        if _dist.is_distributed():
+            tl, n = _dist.all_reduce_sums([tl, n]).tolist()
+        reg.load_state_dict(saved)
+        net.eval()
+        return tl / max(n, 1)
 
     def _train_mode(self, k: int) -> None:
         self.model.eval()
@@ -1354,8 +1397,11 @@ class SequentialTrainer(_Trainer):
             else:
                 self._build_caches(k)
             cache_time += time.perf_counter() - t
-        if c.warm_start and not shared and k > 0 and (ck is None or int(ck["counters"]["epoch"]) == 0):
-            self._warm_start(k)
+        init = "fresh"
+        if c.stage_init != "fresh" and not shared and k >= 1 and (ck is None or int(ck["counters"]["epoch"]) == 0):
+            init = self._init_stage(k, c.stage_init)
+        elif ck is not None:
+            init = ck.get("stage_init", "fresh")
         stage_start = _clone_state(net.state_dict()) if shared else None
         if ck is not None and ck.get("stage_start_state") is not None:
             stage_start = ck["stage_start_state"]
@@ -1431,7 +1477,7 @@ class SequentialTrainer(_Trainer):
             if (epoch + 1) % c.checkpoint_every == 0 or epoch + 1 == E or st["stopped"]:
                 self._save_checkpoint(self._checkpoint_payload(
                     {"stage": k, "epoch": epoch + 1}, opt, sched, st,
-                    extra={"stages_done": list(range(k)), "stage_start_state": stage_start}))
+                    extra={"stages_done": list(range(k)), "stage_start_state": stage_start, "stage_init": init}))
         # end of the stage
         if c.early_stopping_patience is not None and st["best_state"] is not None:
             self._load_module_state(k, st["best_state"])
@@ -1451,7 +1497,7 @@ class SequentialTrainer(_Trainer):
                "step": self.global_step, "train_loss": st["train_loss"],
                "val_loss": st["best_val"] if restored else st["val_loss"],
                "val_nrmse": st.get("best_val_nrmse") if restored else st["val_nrmse"],
-               "gamma": self.gammas()[net.net_index(k)],
+               "gamma": self.gammas()[net.net_index(k)], "init": init,
                "stage_time_s": float(st.get("stage_time_s", 0.0)) + cache_time, "cache_time_s": cache_time,
                "cache": self._where(), "time_s": self._elapsed(), "peak_memory_mb": self._peak_mb()}
         self._log.write("stage", rec, tb_step=self.global_step)

@@ -63,14 +63,15 @@ def test_module_trace_of_a_trained_model(smoke_dataset, smoke_model):
 def test_run_summary():
     from fbsemlib.experiments import Run
 
-    run = Run(path=None, mode="sequential", key={"train": {"epochs": 2, "epochs_per_module": 3}},
+    run = Run(path=None, mode="sequential", key={"train": {"epochs": 2, "epochs_per_module": 3, "stage_init": "best"}},
               metrics={"num_modules": 4, "steps": 12, "train_time_s": 10.0,
-                       "stages": [{"cache_time_s": 1.0}, {"cache_time_s": 0.5}]})
+                       "stages": [{"cache_time_s": 1.0, "init": "fresh"}, {"cache_time_s": 0.5, "init": "previous"}]})
     s = RV.run_summary(run)
     assert s["epochs"] == 3 and s["epochs_kind"] == "per module" and s["cache_time_s"] == 1.5
+    assert s["stage_init"] == "best" and s["warm_started_stages"] == 1
     run.mode = "end-to-end"
     s = RV.run_summary(run)
-    assert s["epochs"] == 2 and s["cache_time_s"] is None
+    assert s["epochs"] == 2 and s["cache_time_s"] is None and s["warm_started_stages"] is None
 
 
 def test_module_outputs_of_one_item_match_forward_and_keep_the_mode(smoke_dataset):

@@ -224,22 +224,51 @@ def test_sequential_freezes_other_modules_and_caches_are_exact(tmp_path, shared)
     assert sum(r["kind"] == "stage" for r in stages) == K
 
 
-@pytest.mark.parametrize("warm", [True, False])
-def test_warm_start_starts_each_module_from_the_previous_one(tmp_path, warm):
-    """train.warm_start: stage k begins with module k-1's trained CNN and rho. With a
-    vanishing learning rate a stage leaves its start (almost) unchanged, so warm-started
-    modules all equal module 0, and fresh ones keep their different random inits."""
+@pytest.mark.parametrize("how", ["previous", "fresh"])
+def test_stage_init_previous_starts_each_module_from_the_previous_one(tmp_path, how):
+    """train.stage_init: "previous" starts stage k with module k-1's trained CNN and rho. With
+    a vanishing learning rate a stage leaves its start (almost) unchanged, so all modules
+    then equal module 0; "fresh" modules keep their different random inits."""
     its, subs = 1, 3
     ds, val = data(its, subs)
     net = make_net(its, subs)
-    SequentialTrainer(net, ds, val, cfg(lr=1e-12, epochs_per_module=1, warm_start=warm), tmp_path,
-                      progress=False).fit()
+    tr = SequentialTrainer(net, ds, val, cfg(lr=1e-12, epochs_per_module=1, stage_init=how), tmp_path, progress=False)
+    m = tr.fit()
     p0 = [p.detach() for p in net.regularisers[0].parameters()]
     for k in range(1, net.num_modules):
         pk = [p.detach() for p in net.regularisers[k].parameters()]
-        same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p0, pk))
-        assert same == warm
-        assert torch.allclose(net.rho[k], net.rho[0]) == warm or not warm
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p0, pk)) == (how == "previous")
+        if how == "previous":
+            assert torch.allclose(net.rho[k], net.rho[0])
+    assert [s["init"] for s in m["stages"]] == ["fresh"] + [how] * (net.num_modules - 1)
+
+
+def test_stage_init_best_picks_the_start_with_the_lower_loss(tmp_path, monkeypatch):
+    """"best" compares the stage loss of both starts on the training inputs, keeps the lower
+    one (and logs it), and leaves BatchNorm running statistics untouched."""
+    its, subs = 1, 3
+    ds, val = data(its, subs)
+    net = make_net(its, subs)
+    tr = SequentialTrainer(net, ds, val, cfg(stage_init="best"), tmp_path, progress=False)
+    seen = []
+    orig = SequentialTrainer._start_loss
+
+    def spy(self, k):
+        before = {n: v.clone() for n, v in self.model.regularisers[k].state_dict().items()}
+        loss = orig(self, k)
+        after = self.model.regularisers[k].state_dict()
+        assert all(torch.equal(before[n], after[n]) for n in before)  # nothing changed
+        seen.append((k, loss))
+        return loss
+
+    monkeypatch.setattr(SequentialTrainer, "_start_loss", spy)
+    m = tr.fit()
+    K = net.num_modules
+    assert [k for k, _ in seen] == [k for k in range(1, K) for _ in range(2)]  # previous, then fresh
+    for k in range(1, K):
+        l_prev, l_fresh = seen[2 * (k - 1)][1], seen[2 * (k - 1) + 1][1]
+        assert m["stages"][k]["init"] == ("previous" if l_prev < l_fresh else "fresh")
+    assert m["stages"][0]["init"] == "fresh"
 
 
 def test_disk_cache_equals_memory_cache(tmp_path):
