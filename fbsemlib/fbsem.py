@@ -183,14 +183,10 @@ class FBSEMNet(nn.Module):
         with torch.no_grad():
             models, ys, sens, smean = [], [], [], []
             for m in range(M):
-                sl = (Ellipsis, slice(m, None, M), slice(None)) if M > 1 else (Ellipsis,)
-                take = lambda t: None if t is None else t[sl]  # noqa: E731
-                fm = PETForwardModel(self.subset_projectors[m], take(multiplicative), take(additive))
+                fm = self.subset_model(m, multiplicative, additive)
                 models.append(fm)
-                ys.append(y[sl])
-                s = fm.sensitivity(y)
-                s = s.expand((y.shape[0],) + tuple(s.shape[-4:])) if s.ndim == 5 else s.expand((y.shape[0], 1) + tuple(s.shape[-3:]))
-                sens.append(s)
+                ys.append(y[self._subset_slice(m)])
+                sens.append(self._batched_sensitivity(fm, y))
             support = sens[0] > 0
             for s in sens:
                 support = support & (s > 0)
@@ -205,6 +201,26 @@ class FBSEMNet(nn.Module):
                 mmax = mr.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1, 1)
                 mr_in = self.config.mr_scale * mr / mmax
         return UnrollContext(models, ys, sens, smean, mr_in, support, x0)
+
+    def _subset_slice(self, m: int):
+        M = self.num_subsets
+        return (Ellipsis, slice(m, None, M), slice(None)) if M > 1 else (Ellipsis,)
+
+    def subset_model(self, m: int, multiplicative=None, additive=None) -> PETForwardModel:
+        """The forward model of subset ``m`` (its views of the sinogram-shaped factors)."""
+        sl = self._subset_slice(m)
+        take = lambda t: None if t is None else t[sl]  # noqa: E731
+        return PETForwardModel(self.subset_projectors[m], take(multiplicative), take(additive))
+
+    @staticmethod
+    def _batched_sensitivity(fm: PETForwardModel, y: torch.Tensor) -> torch.Tensor:
+        s = fm.sensitivity(y)
+        return s.expand((y.shape[0],) + tuple(s.shape[-4:])) if s.ndim == 5 else s.expand((y.shape[0], 1) + tuple(s.shape[-3:]))
+
+    @torch.no_grad()
+    def subset_sensitivity(self, m: int, y: torch.Tensor, multiplicative=None, additive=None) -> torch.Tensor:
+        """``s_m = A_m^T (n a)_m`` of every batch item, ``(B, 1, Z, Y, X)`` (as :meth:`prepare`)."""
+        return self._batched_sensitivity(self.subset_model(m, multiplicative, additive), y)
 
     # -- one module ---------------------------------------------------------------------
     def step(self, k: int, x: torch.Tensor, ctx: UnrollContext) -> torch.Tensor:

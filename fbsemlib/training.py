@@ -38,7 +38,7 @@ Choices (stated here, and in the book):
   ``"previous"`` starts module ``k`` from module ``k-1``'s trained CNN and ``rho`` (a warm
   start: neighbouring modules solve nearly the same problem, so a stage's few optimiser
   steps refine instead of starting over); ``"best"`` (the default) takes whichever of the
-  two has the lower loss on the stage's training inputs, because the previous module is
+  two has the lower loss on the first batch of the stage's training inputs, because the previous module is
   not always the better start (module 0 sees the uniform ``x0``; in a tiny overfitting test
   module 1 learned far less from module 0's weights than from a fresh start). The chosen
   start is logged per stage (``init``). The modules still end up with their own weights.
@@ -439,6 +439,7 @@ class _RunLog:
         self.kinds = kinds
         self.enabled = enabled  # False: write nothing (ranks other than 0)
         self.counts = {k: 0 for k in kinds + ("json",)}
+        self._files: dict = {}
         self.tb = None
         if tensorboard and enabled:
             try:
@@ -453,6 +454,7 @@ class _RunLog:
         """Fresh logs (``counts`` None) or logs truncated to ``counts`` lines."""
         if not self.enabled:
             return
+        self._close_files()
         for kind in self.kinds + ("json",):
             path = self.out / _LOG_FILES[kind]
             n = 0 if counts is None else int(counts.get(kind, 0))
@@ -466,13 +468,23 @@ class _RunLog:
             atomic_write_text(path, "".join(lines))
             self.counts[kind] = max(0, len(lines) - (1 if header else 0))
 
+    def _file(self, kind: str):
+        """The append handle of a log file (opened once; every write is flushed, so a killed
+        run leaves whole lines and :meth:`start` can truncate to a checkpoint's counts)."""
+        f = self._files.get(kind)
+        if f is None:
+            f = self._files[kind] = open(self.out / _LOG_FILES[kind], "a", newline="", encoding="utf-8")
+        return f
+
     def write(self, kind: str, rec: dict, tb_step: int | None = None) -> None:
         if not self.enabled:
             return
-        with open(self.out / _LOG_FILES[kind], "a", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerow([_fmt(rec.get(c)) for c in _CSV_COLUMNS[kind]])
-        with open(self.out / _LOG_FILES["json"], "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": kind, **rec}, allow_nan=True) + "\n")
+        f = self._file(kind)
+        csv.writer(f).writerow([_fmt(rec.get(c)) for c in _CSV_COLUMNS[kind]])
+        f.flush()
+        f = self._file("json")
+        f.write(json.dumps({"kind": kind, **rec}, allow_nan=True) + "\n")
+        f.flush()
         self.counts[kind] += 1
         self.counts["json"] += 1
         if self.tb is not None and tb_step is not None:
@@ -481,7 +493,13 @@ class _RunLog:
                     tag = f"{kind}/{k}" if kind != "stage" else f"stage/{k}"
                     self.tb.add_scalar(tag, v, tb_step)
 
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
     def close(self) -> None:
+        self._close_files()
         if self.tb is not None:
             self.tb.close()
             self.tb = None
@@ -1230,12 +1248,12 @@ class SequentialTrainer(_Trainer):
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
                 for idx, b in self._loader(ds, order, targets=None):
                     b = self._to_dev(b)
-                    ctx = self._prepare(b)  # all subsets: gives the next module's sensitivity
+                    ctx = self._context(b, idx, k, split)  # module k's context, from the cache
                     with self._autocast():
                         x = net.step(k, sc.x.get(idx).to(self.dev), ctx)
                     x_new.set(idx, x.float())
-                    if s_new is not sc.sens:
-                        s_new.set(idx, ctx.sens[m_next])
+                    if s_new is not sc.sens:  # only the next subset's sensitivity
+                        s_new.set(idx, net.subset_sensitivity(m_next, b["y"], b["multiplicative"], b["additive"]))
                     bar.update()
             _dist.allgather_shards(n, x_new, s_new if s_new is not sc.sens else None)
             x_new.flush()
@@ -1320,7 +1338,8 @@ class SequentialTrainer(_Trainer):
 
     @torch.no_grad()
     def _start_loss(self, k: int) -> float:
-        """Mean stage-``k`` loss over the training inputs with the module in training mode
+        """Mean stage-``k`` loss over the first ``_START_LOSS_BATCHES`` batches of training
+        inputs (a cheap, deterministic comparison of two starts) with the module in training mode
         (BatchNorm batch statistics, as its first optimiser steps see it); BatchNorm running
         statistics are restored afterwards, so nothing changes."""
         net = self.model
@@ -1328,8 +1347,9 @@ class SequentialTrainer(_Trainer):
         saved = {n: v.clone() for n, v in reg.state_dict().items()}
         self._train_mode(k)
         cache, ds = self._caches["train"], self.train_dataset
+        first = range(min(len(ds), _START_LOSS_BATCHES * self.config.batch_size * _dist.world_size()))
         tl, n = 0.0, 0
-        for idx, b in self._loader(ds, _dist.shard(range(len(ds))), targets=self._stage_targets(k)):
+        for idx, b in self._loader(ds, _dist.shard(first), targets=self._stage_targets(k)):
             b = self._to_dev(b)
             ctx = self._context(b, idx, k, "train")
             with self._autocast():
@@ -1343,8 +1363,13 @@ class SequentialTrainer(_Trainer):
         return tl / max(n, 1)
 
     def _train_mode(self, k: int) -> None:
-        self.model.eval()
-        self.model.regularisers[self.model.net_index(k)].train()
+        """Module ``k``'s CNN in training mode, every other module in eval mode (the whole
+        network is put in eval mode only when needed: that walks every submodule)."""
+        net = self.model
+        i = net.net_index(k)
+        if net.training or any(r.training for j, r in enumerate(net.regularisers) if j != i):
+            net.eval()
+        net.regularisers[i].train()
 
     @torch.no_grad()
     def _validate_stage(self, k: int) -> dict:
@@ -1474,7 +1499,8 @@ class SequentialTrainer(_Trainer):
             rec["epoch_time_s"] = time.perf_counter() - t_ep
             st["stage_time_s"] = float(st.get("stage_time_s", 0.0)) + rec["epoch_time_s"]
             self._log_epoch(rec)
-            if (epoch + 1) % c.checkpoint_every == 0 or epoch + 1 == E or st["stopped"]:
+            # the stage's last epoch needs none: the end-of-stage checkpoint follows
+            if (epoch + 1) % c.checkpoint_every == 0 and epoch + 1 < E and not st["stopped"]:
                 self._save_checkpoint(self._checkpoint_payload(
                     {"stage": k, "epoch": epoch + 1}, opt, sched, st,
                     extra={"stages_done": list(range(k)), "stage_start_state": stage_start, "stage_init": init}))
@@ -1507,6 +1533,10 @@ class SequentialTrainer(_Trainer):
         self._save_checkpoint(self._checkpoint_payload({"stage": k + 1, "epoch": 0}, stage_state=None,
                                                        extra={"stages_done": list(range(k + 1)),
                                                               "stage_start_state": None}))
+
+
+#: batches of training inputs on which ``stage_init: best`` compares the two starts of a stage
+_START_LOSS_BATCHES = 1
 
 
 def make_trainer(mode: str, *args, **kwargs) -> _Trainer:
