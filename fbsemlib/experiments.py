@@ -5,8 +5,9 @@ exactly the configuration it depends on:
 
 * :func:`dataset`   -- a simulated dataset (``data:`` recipe) in ``data/generated`` or
   ``$FBSEM_DATA_DIR`` (see :func:`fbsemlib.simulation.cached_dataset`);
-* :func:`train`     -- a trained FBSEM-Net: key = recipe hash + ``model`` + ``train`` +
-  mode + seed; stored in ``<cache>/runs/<name>-<hash>/`` (the trainer's output folder);
+* :func:`train`     -- a trained FBSEM-Net: key = recipe hash + ``model`` + ``train``
+  (less its operational fields: checkpoint / log frequency, cache place, workers) + mode
+  + seed; stored in ``<cache>/runs/<name>-<hash>/`` (the trainer's output folder);
 * :func:`evaluate`  -- the evaluation of a run against the baselines: key = run +
   baseline config; stored next to the run;
 * :func:`baseline_sweep` -- the baseline strength sweep of one split.
@@ -149,7 +150,7 @@ def train(sections: dict, mode: str | None = None, seed: int | None = None, prog
           device: str | None = None, data_dir: Path | None = None, name: str | None = None) -> Run:
     """Train (or reuse) FBSEM-Net for ``sections`` (``model:``, ``train:``, ``data:``)."""
     from .simulation import DataConfig, recipe_hash
-    from .training import MODEL_NAME, TrainConfig, parse_model_section
+    from .training import MODEL_NAME, OPERATIONAL_FIELDS, TrainConfig, parse_model_section
 
     model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
     train_cfg = from_dict(TrainConfig, sections.get("train", {}), "train")
@@ -159,7 +160,8 @@ def train(sections: dict, mode: str | None = None, seed: int | None = None, prog
     train_cfg = dataclasses.replace(train_cfg, mode=mode)
     data_dir = Path(data_dir) if data_dir is not None else dataset(sections, progress=progress)
     recipe = from_dict(DataConfig, sections["data"], "data")
-    key = {"recipe": recipe_hash(recipe), "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "mode": mode,
+    trained = {k: v for k, v in train_cfg.to_dict().items() if k not in OPERATIONAL_FIELDS}  # what the weights depend on
+    key = {"recipe": recipe_hash(recipe), "model": model_cfg.to_dict(), "train": trained, "mode": mode,
            "iterations": n_it, "subsets": n_sub, "device": str(device or "cpu")}
     h = config_hash(key)
     out = _cache_root() / "runs" / f"{name or recipe.name}-{mode}-{h}"

@@ -154,7 +154,11 @@ MODES = ("end-to-end", "sequential")
 BATCH_KEYS = ("y", "multiplicative", "additive", "mr", "targets", "target_final")
 # train-config fields that may change between a run and its resumption (they do not
 # change the result)
-_RESUME_FREE = ("tensorboard", "num_workers", "cache", "cache_memory_mb", "checkpoint_every", "log_every")
+#: ``train:`` fields that do not change the trained weights (how often to checkpoint and
+#: log, where to cache, loader workers): a run may resume with other values, and the
+#: experiment cache (:func:`fbsemlib.experiments.train`) leaves them out of its key.
+OPERATIONAL_FIELDS = ("tensorboard", "num_workers", "cache", "cache_memory_mb", "checkpoint_every", "log_every")
+_RESUME_FREE = OPERATIONAL_FIELDS
 
 
 class TrainingError(UserError):

@@ -24,6 +24,9 @@ def test_train_and_evaluate_are_cached(smoke_dataset, tmp_path, monkeypatch):
     other = ex.train(ex.load_profile("smoke", {"train.epochs_per_module": 1, "train.seed": 1}), "sequential",
                      data_dir=smoke_dataset)
     assert other.path != run.path  # a changed parameter retrains
+    ops = ex.train(ex.load_profile("smoke", {"train.epochs_per_module": 1, "train.checkpoint_every": 3,
+                                             "train.log_every": 2}), "sequential", data_dir=smoke_dataset)
+    assert ops.path == run.path and model.stat().st_mtime_ns == mtime  # operational fields: reused
     assert run.logs("stages") and run.metrics["num_modules"] == 8
     ev = ex.evaluate(run, smoke_dataset, methods=("fbsem", "osem"))
     assert set(ev["summary"]) == {"fbsem", "osem"}
