@@ -417,26 +417,15 @@ def _adapt_dims(base: dict, dims: str) -> dict:
 
 
 def _load_sections(config) -> dict:
+    """The sections of ``config``: a mapping as it is, or an experiment YAML file
+    (:func:`fbsemlib.config.load_experiment`); ``None`` gives ``{}``."""
     if config is None:
         return {}
     if isinstance(config, Mapping):
         return dict(config)
-    p = Path(config)
-    if not p.exists():
-        raise UserError(f"config file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise UserError(f"config path {str(p)!r} is a directory, expected a YAML file")
-    import yaml
+    from .config import load_experiment
 
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise UserError(f"config file {str(p)!r} must be a mapping of sections, got {type(doc).__name__}")
-    return doc
+    return load_experiment(config)
 
 
 def _as_int(v, where: str) -> int:
