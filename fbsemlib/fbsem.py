@@ -185,7 +185,7 @@ class FBSEMNet(nn.Module):
             for m in range(M):
                 fm = self.subset_model(m, multiplicative, additive)
                 models.append(fm)
-                ys.append(y[self._subset_slice(m)])
+                ys.append(y[self.subset_slice(m)])
                 sens.append(self._batched_sensitivity(fm, y))
             support = sens[0] > 0
             for s in sens:
@@ -202,13 +202,14 @@ class FBSEMNet(nn.Module):
                 mr_in = self.config.mr_scale * mr / mmax
         return UnrollContext(models, ys, sens, smean, mr_in, support, x0)
 
-    def _subset_slice(self, m: int):
+    def subset_slice(self, m: int):
+        """Index of subset ``m``'s views in a sinogram-shaped tensor ``(..., planes, views, radial)``."""
         M = self.num_subsets
         return (Ellipsis, slice(m, None, M), slice(None)) if M > 1 else (Ellipsis,)
 
     def subset_model(self, m: int, multiplicative=None, additive=None) -> PETForwardModel:
         """The forward model of subset ``m`` (its views of the sinogram-shaped factors)."""
-        sl = self._subset_slice(m)
+        sl = self.subset_slice(m)
         take = lambda t: None if t is None else t[sl]  # noqa: E731
         return PETForwardModel(self.subset_projectors[m], take(multiplicative), take(additive))
 

@@ -1180,15 +1180,12 @@ class SequentialTrainer(_Trainer):
         reads), so no sensitivity is recomputed. Equal to ``net.prepare(...)`` for module ``k``
         (tested)."""
         from .fbsem import UnrollContext
-        from .forward_model import PETForwardModel
 
         net, c = self.model, self._caches[split]
         M = net.num_subsets
         m = k % M
-        sl = (Ellipsis, slice(m, None, M), slice(None)) if M > 1 else (Ellipsis,)
-        fm = PETForwardModel(net.subset_projectors[m], b["multiplicative"][sl], b["additive"][sl])
         models, ys, sens, smean = [None] * M, [None] * M, [None] * M, [None] * M
-        models[m], ys[m] = fm, b["y"][sl]
+        models[m], ys[m] = net.subset_model(m, b["multiplicative"], b["additive"]), b["y"][net.subset_slice(m)]
         sens[m] = c.sens.get(idx).to(self.dev)
         smean[m] = c.sens_mean[idx, m].to(self.dev).view(-1, 1, 1, 1, 1)
         support = c.support.get(idx).to(self.dev)
@@ -1326,12 +1323,12 @@ class SequentialTrainer(_Trainer):
         few optimiser steps a stage gets; not always (module 0 sees the uniform ``x0`` and
         can be a poor start for module 1), hence ``"best"``. Returns ``"previous"`` or
         ``"fresh"``."""
-        net = self.model
-        fresh = self._module_state(k)
         prev = self._module_state(k - 1)
-        self._load_module_state(k, prev)
         if how == "previous":
+            self._load_module_state(k, prev)
             return "previous"
+        fresh = self._module_state(k)
+        self._load_module_state(k, prev)
         loss_prev = self._start_loss(k)
         self._load_module_state(k, fresh)
         loss_fresh = self._start_loss(k)
