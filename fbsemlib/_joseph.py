@@ -129,17 +129,6 @@ class JosephSampler:
                         flat = base + ib * strides[others[0]] + ic * strides[others[1]]
                         yield lor[ok], flat[ok], wgt[ok]
 
-    def triplets(self, max_chunk_samples: int = 1 << 22):
-        """Rows, columns and weights (numpy) of the system matrix."""
-        rows, cols, vals = [], [], []
-        for r, c, v in self.triplet_chunks(max_chunk_samples):
-            rows.append(r.numpy())
-            cols.append(c.numpy())
-            vals.append(v.numpy())
-        if not rows:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-
     def estimated_nnz(self) -> int:
         nz = self.grid.shape[0]
         per = 2 * (2 if nz > 1 else 1)

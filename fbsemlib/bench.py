@@ -136,14 +136,11 @@ def _astra_fwd_adj(num_views: int, num_radial: int, n: int):
 
 
 def _scipy_csr(P: Projector):
-    import scipy.sparse as sp
-
-    from ._joseph import JosephSampler
+    """The projector's float32 system matrix and its transpose as SciPy CSR matrices."""
+    from ._joseph import JosephSampler, _scipy_csr
 
     s, e = P.lor_endpoints()
-    S = JosephSampler(s, e, P.grid)
-    r, c, v = S.triplets()
-    A = sp.csr_matrix((v.astype(np.float32), (r, c)), shape=(S.num_lors, P.grid.num_voxels))
+    A = _scipy_csr(JosephSampler(s, e, P.grid), torch.float32)
     return A, A.T.tocsr()
 
 
