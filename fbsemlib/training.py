@@ -1347,16 +1347,11 @@ class SequentialTrainer(_Trainer):
         reg = net.regularisers[net.net_index(k)]
         saved = {n: v.clone() for n, v in reg.state_dict().items()}
         self._train_mode(k)
-        cache, ds = self._caches["train"], self.train_dataset
-        first = range(min(len(ds), _START_LOSS_BATCHES * self.config.batch_size * _dist.world_size()))
+        first = range(min(len(self.train_dataset), _START_LOSS_BATCHES * self.config.batch_size * _dist.world_size()))
         tl, n = 0.0, 0
-        for idx, b in self._loader(ds, _dist.shard(first), targets=self._stage_targets(k)):
-            b = self._to_dev(b)
-            ctx = self._context(b, idx, k, "train")
-            with self._autocast():
-                out = net.step(k, cache.x.get(idx).to(self.dev), ctx).float()
-            tl += float(relative_mse(out, self._step_targets(b))) * len(idx)
-            n += len(idx)
+        for out, b in self._stage_outputs(k, "train", first):
+            tl += float(relative_mse(out, self._step_targets(b))) * len(out)
+            n += len(out)
         if _dist.is_distributed():
             tl, n = _dist.all_reduce_sums([tl, n]).tolist()
         reg.load_state_dict(saved)
@@ -1373,19 +1368,25 @@ class SequentialTrainer(_Trainer):
         net.regularisers[i].train()
 
     @torch.no_grad()
-    def _validate_stage(self, k: int) -> dict:
-        net = self.model
-        net.eval()
-        ds = self.val_dataset
-        cache = self._caches["validation"]
-        tl, tn, tf, n = 0.0, 0.0, 0.0, 0
-        for idx, b in self._loader(ds, _dist.shard(range(len(ds))), targets=self._stage_targets(k)):
+    def _stage_outputs(self, k: int, split: str, indices):
+        """``(module k's output, batch)`` for this rank's share of ``indices`` of a split,
+        from the cached inputs (no gradient; the caller sets the modules' modes)."""
+        ds = self.train_dataset if split == "train" else self.val_dataset
+        cache = self._caches[split]
+        for idx, b in self._loader(ds, _dist.shard(indices), targets=self._stage_targets(k)):
             b = self._to_dev(b)
-            ctx = self._context(b, idx, k, "validation")
+            ctx = self._context(b, idx, k, split)
             with self._autocast():
-                out = net.step(k, cache.x.get(idx).to(self.dev), ctx).float()
+                out = self.model.step(k, cache.x.get(idx).to(self.dev), ctx).float()
+            yield out, b
+
+    @torch.no_grad()
+    def _validate_stage(self, k: int) -> dict:
+        self.model.eval()
+        tl, tn, tf, n = 0.0, 0.0, 0.0, 0
+        for out, b in self._stage_outputs(k, "validation", range(len(self.val_dataset))):
             t = self._step_targets(b)
-            B = len(idx)
+            B = len(out)
             tl += float(relative_mse(out, t)) * B
             tn += float(_nrmse(out, t).sum())
             tf += float(_nrmse(out, b["target_final"]).sum())
