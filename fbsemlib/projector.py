@@ -29,8 +29,6 @@ An optional image-space Gaussian PSF (``psf_fwhm_mm``) makes the operator ``A G`
 from __future__ import annotations
 
 import importlib
-import warnings
-from typing import Any
 
 import torch
 
