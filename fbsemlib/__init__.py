@@ -2,31 +2,57 @@
 reconstruction, with a differentiable PET projector, the PET forward model, OSEM / MAP-EM
 baselines and offline brain phantoms."""
 
-from .geometry import (
+from fbsemlib.physics import (
+    CompositeOperator,
+    GaussianPSF,
     ImageGrid,
+    LinearOperator,
     ParallelBeamGeometry,
+    PETForwardModel,
+    Projector,
     RingScanner,
     SinogramGeometry,
+    adjointness_error,
+    attenuation_factors,
+    normalisation_factors,
+    parallelproj_available,
+    poisson_log_likelihood,
     scanner_preset,
     sinogram_preset,
 )
-from .operators import CompositeOperator, LinearOperator, adjointness_error
-from .projector import Projector, parallelproj_available
-from .psf import GaussianPSF
-from .forward_model import PETForwardModel, attenuation_factors, normalisation_factors, poisson_log_likelihood
-from .fusion import fuse
-from .recon import map_em, mlem, osem, postfilter
-from .fbsem import FBSEMNet, ModelConfig, RegulariserCNN
-from .training import EndToEndTrainer, SequentialTrainer, TrainConfig, load_trained
-from . import metrics
-from .priors import BowsherPrior, QuadraticPrior
-from .phantoms import Phantom, PhantomConfig, make_subject, make_subjects, shepp_logan, simple_phantom, load_brainweb
-from .config import ConfigError, load_experiment
-from .datasets import DatasetError, PETDataset, open_dataset, validate_dataset
-from .simulation import DataConfig, cached_dataset, simulate_dataset
-from .baselines import BaselineConfig
-from .evaluation import evaluate
-from .memory import MemoryProblem, MemoryReport, MemorySpec, measure_training_memory, memory_problem
+from fbsemlib.recon import BowsherPrior, QuadraticPrior, fuse, map_em, mlem, osem, postfilter
+from fbsemlib.models import FBSEMNet, ModelConfig, RegulariserCNN
+from fbsemlib.data import (
+    DataConfig,
+    DatasetError,
+    PETBatch,
+    PETDataset,
+    Phantom,
+    PhantomConfig,
+    cached_dataset,
+    load_brainweb,
+    make_subject,
+    make_subjects,
+    open_dataset,
+    shepp_logan,
+    simple_phantom,
+    simulate_dataset,
+    validate_dataset,
+)
+from fbsemlib.training import (
+    EndToEndTrainer,
+    MemoryProblem,
+    MemoryReport,
+    MemorySpec,
+    SequentialTrainer,
+    TrainConfig,
+    load_trained,
+    measure_training_memory,
+    memory_problem,
+)
+from fbsemlib.evaluation import BaselineConfig, evaluate, metrics
+from fbsemlib.config import ConfigError, load_experiment
+from fbsemlib.errors import UserError
 
 __version__ = "0.1.0"
 
@@ -72,6 +98,8 @@ __all__ = [
     "ConfigError",
     "load_experiment",
     "DatasetError",
+    "PETBatch",
+    "UserError",
     "PETDataset",
     "open_dataset",
     "validate_dataset",

@@ -1,5 +1,5 @@
 """``python -m fbsemlib ...``: the ``fbsem`` command line."""
 
-from .cli import main
+from fbsemlib.cli import main
 
 raise SystemExit(main())

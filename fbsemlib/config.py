@@ -2,7 +2,7 @@
 
 An experiment file is a YAML mapping of *sections*::
 
-    data:      # the simulation recipe -> fbsemlib.simulation.DataConfig
+    data:      # the simulation recipe -> fbsemlib.data.simulate.DataConfig
       scanner: small2d
       ...
     model:     # read by the model / training code
@@ -42,7 +42,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .cli import UserError
+from fbsemlib.errors import UserError
 
 __all__ = ["ConfigError", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
 

@@ -1,4 +1,4 @@
-"""fbsemlib.analysis: helpers of the chapters on the original FBSEM-Net, iteration-dependent
+"""fbsembook.analysis: helpers of the chapters on the original FBSEM-Net, iteration-dependent
 targets and iteration-dependent networks."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fbsemlib import analysis as an
-from fbsemlib import claims as C
-from fbsemlib import runviews as RV
-from fbsemlib.datasets import PETDataset
-from fbsemlib.fbsem import FBSEMNet, ModelConfig
+from fbsembook import analysis as an
+from fbsembook import claims as C
+from fbsembook import runviews as RV
+from fbsemlib.data.format import PETDataset
+from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_variant_sections():
     assert d["name"] == "smoke-lowcounts" and d["seed"] == 7 and d["counts_range"] == [1e4, 2e4]
     assert d["phantom"]["lesion_radius_mm"] == [6, 9] and d["phantom"]["template_resolution"] == 2  # merged
     assert d["num_subjects"] == 3 and d["split"] == {"train": 0, "validation": 1, "test": 2}
-    from fbsemlib.experiments import load_profile
+    from fbsembook.experiments import load_profile
 
     base = load_profile("smoke")["data"]
     for k in ("scanner", "image_shape", "voxel_size_mm", "num_iterations", "num_subsets"):
@@ -217,7 +217,7 @@ def test_ood_sections():
     assert [s["data"]["name"] for s in o.values()] == ["smoke-lowcounts", "smoke-highcounts", "smoke-newlesions"]
     assert o["low counts"]["data"]["counts_range"] == [1e4, 2e4] and o["high counts"]["data"]["counts_range"] == [1e8, 2e8]
     assert o["new lesions"]["data"]["phantom"]["lesion_radius_mm"] == [6.0, 9.0]
-    from fbsemlib.experiments import load_profile
+    from fbsembook.experiments import load_profile
 
     base = load_profile("smoke")["data"]
     assert o["new lesions"]["data"]["counts_range"] == base["counts_range"]  # the training counts
@@ -229,8 +229,7 @@ def test_ood_sections():
 def test_variant_dataset_evaluates_a_trained_model(smoke_dataset, smoke_model, tmp_path, monkeypatch):
     """A trained model runs on the test split of a dataset of the same geometry but other
     counts and subjects (what the generalisation experiment of the book does)."""
-    from fbsemlib import experiments as ex
-
+    from fbsembook import experiments as ex
     monkeypatch.setenv("FBSEM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FBSEM_DATA_DIR", str(tmp_path / "data"))
     s = an.variant_sections("smoke", "low", {"counts_range": [3e4, 6e4], "slices_per_subject": 1}, num_subjects=2)

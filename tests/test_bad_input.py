@@ -13,8 +13,8 @@ import yaml
 
 import fbsemlib as fb
 from fbsemlib.cli import main
-from fbsemlib.fbsem import FBSEMNet, ModelConfig
-from fbsemlib.forward_model import PETForwardModel
+from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
+from fbsemlib.physics.forward_model import PETForwardModel
 
 ROOT = Path(__file__).resolve().parent.parent
 SINO = fb.sinogram_preset("tiny2d")

@@ -54,8 +54,8 @@ def test_memory_benchmark_survives_out_of_memory(monkeypatch):
     """End-to-end running out of (GPU) memory at large K is recorded, not fatal."""
     import torch
 
-    import fbsemlib.memory as mem
-    from fbsemlib.bench import bench_memory, memory_targets
+    import fbsemlib.training.memory as mem
+    from fbsembook.bench import bench_memory, memory_targets
 
     real = mem.measure_training_memory
 

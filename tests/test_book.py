@@ -1,4 +1,4 @@
-"""The book machinery (fbsemlib.book, `fbsem book ...`, _config.yml / _toc.yml).
+"""The book machinery (fbsembook.build, `fbsem book ...`, _config.yml / _toc.yml).
 
 The slow tests share one smoke-profile build of a copy of the working tree (what a clean
 clone plus the current edits would hold), so they never touch book/_build or book/_executed
@@ -20,8 +20,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from fbsemlib import book
-
+from fbsembook import build as book
 REPO = Path(__file__).resolve().parents[1]
 # `fbsem ...` with this interpreter (`python -m fbsemlib.cli` would load cli.py twice, as
 # __main__ and as fbsemlib.cli, and miss the UserError -> exit 2 mapping)

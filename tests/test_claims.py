@@ -1,4 +1,4 @@
-"""fbsemlib.claims: the verdicts of the paper's claims (pure functions) and the cached memory sweep."""
+"""fbsembook.claims: the verdicts of the paper's claims (pure functions) and the cached memory sweep."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import math
 
 import pytest
 
-from fbsemlib import claims as C
-
-
+from fbsembook import claims as C
 # ----------------------------------------------------------------------------------------
 # numbers
 # ----------------------------------------------------------------------------------------
@@ -236,7 +234,7 @@ def test_memory_sweep_cached_and_table(tmp_path, monkeypatch):
 def test_memory_sweep_out_of_memory(tmp_path, monkeypatch):
     """A mode that runs out of memory at some K: that K is 'oom', the larger ones 'skipped',
     and the value at the largest K is extrapolated from the measured ones."""
-    import fbsemlib.memory as M
+    import fbsemlib.training.memory as M
 
     monkeypatch.setenv("FBSEM_CACHE", str(tmp_path / "cache"))
     real = M.measure_training_memory

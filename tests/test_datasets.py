@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from fbsemlib.config import from_dict
-from fbsemlib.datasets import SAMPLE_KEYS, DatasetError, PETDataset, open_dataset, sha256_file, validate_dataset
-from fbsemlib.geometry import ImageGrid, sinogram_preset
-from fbsemlib.projector import Projector
-from fbsemlib.simulation import DataConfig, simulate_dataset
+from fbsemlib.data.format import SAMPLE_KEYS, DatasetError, PETDataset, open_dataset, sha256_file, validate_dataset
+from fbsemlib.physics.geometry import ImageGrid, sinogram_preset
+from fbsemlib.physics.projector import Projector
+from fbsemlib.data.simulate import DataConfig, simulate_dataset
 
 RECIPE = dict(
     name="tinyds", scanner="tiny2d", image_shape=[1, 24, 24], voxel_size_mm=[2.0, 9.0, 9.0],

@@ -9,7 +9,7 @@
 * the pure sharding helpers (global batches, uneven last batch).
 
 Runs take a few seconds each: the smoke data, K = 4 modules, ``batch_norm: false`` (BatchNorm
-statistics are per rank, see :mod:`fbsemlib.distributed`)."""
+statistics are per rank, see :mod:`fbsemlib.training.distributed`)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from fbsemlib.distributed import EXIT_WORKER_LOST, Share, shard, shard_batches
+from fbsemlib.training.distributed import EXIT_WORKER_LOST, Share, shard, shard_batches
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

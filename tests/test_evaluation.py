@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fbsemlib.baselines import METHODS, BaselineConfig, beta_scale, reconstruct, sweep
+from fbsemlib.evaluation.baselines import METHODS, BaselineConfig, beta_scale, reconstruct, sweep
 from fbsemlib.cli import main
-from fbsemlib.datasets import PETDataset
-from fbsemlib.evaluation import evaluate, lesion_metrics, white_matter_mask
-from fbsemlib.forward_model import PETForwardModel
-from fbsemlib.recon import osem
+from fbsemlib.data.format import PETDataset
+from fbsemlib.evaluation.evaluator import evaluate, lesion_metrics, white_matter_mask
+from fbsemlib.physics.forward_model import PETForwardModel
+from fbsemlib.recon.algorithms import osem
 
 
 def test_baseline_sweep_and_best(smoke_dataset):
@@ -109,7 +109,7 @@ def test_evaluate_refuses_mismatched_model(smoke_dataset, tmp_path):
 
 
 def test_evaluate_in_batches_matches_one_sample_at_a_time(smoke_model, smoke_dataset):
-    from fbsemlib.baselines import SweepResult
+    from fbsemlib.evaluation.baselines import SweepResult
 
     given = SweepResult("given", {}, {"osem_postfilter": 4.0, "mapem_quadratic": 0.05, "mapem_bowsher": 0.05})
     methods = ("fbsem",) + METHODS

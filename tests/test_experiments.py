@@ -1,8 +1,6 @@
 import pytest
 
-from fbsemlib import experiments as ex
-
-
+from fbsembook import experiments as ex
 def test_load_profile_overrides():
     s = ex.load_profile("smoke", {"train.epochs": 7, "model.shared": True})
     assert s["train"]["epochs"] == 7 and s["model"]["shared"] is True
@@ -43,7 +41,7 @@ def test_parallel_requests_train_once(smoke_dataset, tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setenv("FBSEM_CACHE", str(tmp_path / "cache"))
-    code = ("import sys; from fbsemlib import experiments as ex; "
+    code = ("import sys; from fbsembook import experiments as ex; "
             "s = ex.load_profile('smoke', {'train.epochs_per_module': 1, 'train.seed': 7}); "
             f"r = ex.train(s, 'sequential', data_dir=r'{smoke_dataset}'); print(r.path)")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
@@ -66,8 +64,7 @@ def test_runs_share_one_projector_per_geometry(smoke_model, monkeypatch):
 
     import torch
 
-    from fbsemlib import training
-
+    from fbsemlib.training import trainers as training
     monkeypatch.setattr(training, "_projectors", type(training._projectors)())
     run = ex.Run(Path(smoke_model), "sequential", {}, {})
     a, cfgs = run.load(device="cpu")

@@ -29,9 +29,9 @@ import pytest
 import torch
 import yaml
 
-from fbsemlib.checkpoint import load_checkpoint
+from fbsemlib.training.checkpoint import load_checkpoint
 from fbsemlib.cli import main
-from fbsemlib.datasets import DatasetError, validate_dataset
+from fbsemlib.data.format import DatasetError, validate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -247,7 +247,7 @@ def test_checkpoint_of_another_format_version_or_geometry_is_refused(reference_r
 
 
 def test_model_file_of_another_format_version_is_refused(reference_runs, tmp_path):
-    from fbsemlib.training import UserError, load_trained
+    from fbsemlib.training.trainers import UserError, load_trained
 
     out = tmp_path / "m"
     shutil.copytree(reference_runs["end-to-end"]["out"], out)
@@ -287,7 +287,7 @@ def test_dataset_of_another_geometry_or_version_is_refused(reference_runs, smoke
 # ----------------------------------------------------------------------------------------
 def _checkpoint_spy(monkeypatch, on_save=None) -> list[bytes]:
     """Record the bytes of every checkpoint.pt written by the trainer."""
-    import fbsemlib.training as tr
+    import fbsemlib.training.trainers as tr
 
     saved: list[bytes] = []
     real = tr.atomic_torch_save
@@ -306,7 +306,7 @@ def _checkpoint_spy(monkeypatch, on_save=None) -> list[bytes]:
 
 def test_inf_gamma_stops_cli_training_and_keeps_the_last_good_checkpoint(smoke_dataset, tmp_path, monkeypatch,
                                                                           capsys):
-    from fbsemlib.fbsem import FBSEMNet
+    from fbsemlib.models.fbsem import FBSEMNet
 
     poisoned = {"on": False}
     real_gamma = FBSEMNet.gamma
@@ -330,15 +330,15 @@ def test_inf_gamma_stops_cli_training_and_keeps_the_last_good_checkpoint(smoke_d
 
 
 def test_inf_in_cached_inputs_stops_sequential_training(smoke_dataset, tmp_path, monkeypatch):
-    from fbsemlib.datasets import PETDataset
-    from fbsemlib.training import SequentialTrainer, TrainingDiverged, parse_model_section
+    from fbsemlib.data.format import PETDataset
+    from fbsemlib.training.trainers import SequentialTrainer, TrainingDiverged, parse_model_section
 
     saved = _checkpoint_spy(monkeypatch)
     d = yaml.safe_load(_config(tmp_path).read_text())
     model_cfg, its, _ = parse_model_section(d["model"])
     train = PETDataset(smoke_dataset, "train", checksums=False)
     val = PETDataset(smoke_dataset, "validation", checksums=False)
-    from fbsemlib.fbsem import FBSEMNet
+    from fbsemlib.models.fbsem import FBSEMNet
 
     torch.manual_seed(0)
     net = FBSEMNet(train.make_projector("cpu"), its, train.num_subsets, model_cfg)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from fbsemlib.fbsem import FBSEMNet, ModelConfig, relative_mse, target_weights, unrolled_loss
-from fbsemlib.forward_model import PETForwardModel
+from fbsemlib.models.fbsem import FBSEMNet, ModelConfig, relative_mse, target_weights, unrolled_loss
+from fbsemlib.physics.forward_model import PETForwardModel
 
 
 def _problem(three_d=False, B=2, seed=0):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from fbsemlib.forward_model import PETForwardModel, attenuation_factors, normalisation_factors, poisson_log_likelihood
-from fbsemlib.fusion import fuse, fusion_objective
-from fbsemlib.recon import map_em, mlem, osem, postfilter
+from fbsemlib.physics.forward_model import PETForwardModel, attenuation_factors, normalisation_factors, poisson_log_likelihood
+from fbsemlib.recon.em import fuse, fusion_objective
+from fbsemlib.recon.algorithms import map_em, mlem, osem, postfilter
 
 
 def _disc(grid, r_mm, value=1.0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from fbsemlib.geometry import sinogram_geometry_from_dict
+from fbsemlib.physics.geometry import sinogram_geometry_from_dict
 
 
 def test_mmr_preset_sizes():

@@ -1,4 +1,4 @@
-"""Memory accounting of one training step (fbsemlib.memory)."""
+"""Memory accounting of one training step (fbsemlib.training.memory)."""
 
 import argparse
 import json
@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fbsemlib.cli import UserError, main
-from fbsemlib.memory import (
+from fbsemlib.training.memory import (
     MemoryReport,
     SavedTensorTracker,
     cmd_memory,
@@ -279,8 +279,7 @@ def test_cuda_linear_flat_and_ordered():
 
 
 def test_proc_kib(tmp_path):
-    from fbsemlib import memory
-
+    from fbsemlib.training import memory
     f = tmp_path / "meminfo"
     f.write_text("MemTotal:       16000 kB\nMemAvailable:    8000 kB\nVmHWMish: 3 kB\nBroken:\n")
     assert memory.proc_kib(str(f), "MemAvailable") == 8000 * 1024

@@ -6,7 +6,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 import fbsemlib as fb
-from fbsemlib.metrics import (
+from fbsemlib.evaluation.metrics import (
     BiasStd,
     background_variability,
     bias_std,
@@ -235,5 +235,5 @@ def test_bad_inputs():
 
 
 def test_exported():
-    assert fb.metrics.nrmse is nrmse and fb.QuadraticPrior is fb.priors.QuadraticPrior
-    assert fb.BowsherPrior is fb.priors.BowsherPrior
+    assert fb.metrics.nrmse is nrmse and fb.QuadraticPrior is fb.recon.priors.QuadraticPrior
+    assert fb.BowsherPrior is fb.recon.priors.BowsherPrior

@@ -1,4 +1,4 @@
-"""Tests of fbsemlib.phantoms (offline brain subjects, BrainWeb loader, simple objects)."""
+"""Tests of fbsemlib.data.phantoms (offline brain subjects, BrainWeb loader, simple objects)."""
 
 import json
 import socket
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fbsemlib.geometry import ImageGrid
-from fbsemlib.phantoms import (
+from fbsemlib.physics.geometry import ImageGrid
+from fbsemlib.data.phantoms import (
     TISSUES,
     Phantom,
     PhantomConfig,
@@ -29,7 +29,7 @@ def no_network():
     """Any attempt to open a network connection fails the tests of this module."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("fbsemlib.phantoms tried to use the network")
+        raise AssertionError("fbsemlib.data.phantoms tried to use the network")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse)
@@ -275,8 +275,7 @@ def test_bad_arguments_raise():
 def test_missing_template_data_gives_clear_error(monkeypatch):
     import nilearn.datasets
 
-    from fbsemlib import phantoms
-
+    from fbsemlib.data import phantoms
     def missing(*args, **kwargs):
         raise FileNotFoundError("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
 

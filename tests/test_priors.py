@@ -4,10 +4,10 @@ import torch
 
 import fbsemlib as fb
 from conftest import requires_cuda
-from fbsemlib.forward_model import PETForwardModel, normalisation_factors
-from fbsemlib.fusion import fuse, fusion_objective
-from fbsemlib.priors import BowsherPrior, QuadraticPrior, neighbourhood_offsets
-from fbsemlib.recon import map_em, mlem, osem
+from fbsemlib.physics.forward_model import PETForwardModel, normalisation_factors
+from fbsemlib.recon.em import fuse, fusion_objective
+from fbsemlib.recon.priors import BowsherPrior, QuadraticPrior, neighbourhood_offsets
+from fbsemlib.recon.algorithms import map_em, mlem, osem
 
 
 def _priors(mr):

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fbsemlib as fb
-from fbsemlib.fusion import fuse, fusion_objective
+from fbsemlib.recon.em import fuse, fusion_objective
 
 # derandomize: CI runs the same examples every time (no flaky failures); the examples
 # hypothesis found once (e.g. the denormal x_em below) are pinned with @example

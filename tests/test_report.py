@@ -1,4 +1,4 @@
-"""fbsemlib.report: the book's plotting and table helpers."""
+"""fbsembook.report: the book's plotting and table helpers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fbsemlib import report  # noqa: E402
+from fbsembook import report  # noqa: E402
 
 
 def test_as_slice_shapes():

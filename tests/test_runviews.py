@@ -1,4 +1,4 @@
-"""fbsemlib.runviews: module outputs and traces of a trained FBSEM-Net, orthogonal slices."""
+"""fbsembook.runviews: module outputs and traces of a trained FBSEM-Net, orthogonal slices."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fbsemlib import metrics
-from fbsemlib import runviews as RV
-
-
+from fbsemlib.evaluation import metrics
+from fbsembook import runviews as RV
 def test_orthogonal_slices_shapes_and_extents():
     v = torch.arange(4 * 6 * 8, dtype=torch.float32).reshape(1, 4, 6, 8)
     s = RV.orthogonal_slices(v, (2.0, 3.0, 1.0))
@@ -33,8 +31,8 @@ def test_orthogonal_slices_shapes_and_extents():
 
 
 def test_module_trace_of_a_trained_model(smoke_dataset, smoke_model):
-    from fbsemlib.datasets import PETDataset
-    from fbsemlib.training import load_trained
+    from fbsemlib.data.format import PETDataset
+    from fbsemlib.training.trainers import load_trained
 
     ds = PETDataset(smoke_dataset, "test")
     net, _ = load_trained(smoke_model)
@@ -61,7 +59,7 @@ def test_module_trace_of_a_trained_model(smoke_dataset, smoke_model):
 
 
 def test_run_summary():
-    from fbsemlib.experiments import Run
+    from fbsembook.experiments import Run
 
     run = Run(path=None, mode="sequential", key={"train": {"epochs": 2, "epochs_per_module": 3, "stage_init": "best"}},
               metrics={"num_modules": 4, "steps": 12, "train_time_s": 10.0,
@@ -75,9 +73,9 @@ def test_run_summary():
 
 
 def test_module_outputs_of_one_item_match_forward_and_keep_the_mode(smoke_dataset):
-    from fbsemlib.analysis import as_batch
-    from fbsemlib.datasets import PETDataset
-    from fbsemlib.fbsem import FBSEMNet, ModelConfig
+    from fbsembook.analysis import as_batch
+    from fbsemlib.data.format import PETDataset
+    from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
 
     ds = PETDataset(smoke_dataset, "test")
     torch.manual_seed(0)

@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-import fbsemlib.simulation as sim
+import fbsemlib.data.simulate as sim
 from fbsemlib.cli import main
 from fbsemlib.config import ConfigError, from_dict, load_experiment, to_dict
-from fbsemlib.datasets import DatasetError, PETDataset, open_dataset, validate_dataset
-from fbsemlib.forward_model import PETForwardModel
-from fbsemlib.recon import osem
-from fbsemlib.simulation import DataConfig, SimulationContext, simulate_dataset, simulate_subject
+from fbsemlib.data.format import DatasetError, PETDataset, open_dataset, validate_dataset
+from fbsemlib.physics.forward_model import PETForwardModel
+from fbsemlib.recon.algorithms import osem
+from fbsemlib.data.simulate import DataConfig, SimulationContext, simulate_dataset, simulate_subject
 
 REPO = Path(__file__).resolve().parents[1]
 

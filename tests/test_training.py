@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from fbsemlib.checkpoint import atomic_torch_save, load_checkpoint
+from fbsemlib.training.checkpoint import atomic_torch_save, load_checkpoint
 from fbsemlib.config import ConfigError, from_dict
-from fbsemlib.fbsem import FBSEMNet, ModelConfig
-from fbsemlib.forward_model import PETForwardModel
-from fbsemlib.training import (
+from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
+from fbsemlib.physics.forward_model import PETForwardModel
+from fbsemlib.training.trainers import (
     EndToEndTrainer,
     SequentialTrainer,
     TrainConfig,
@@ -29,7 +29,7 @@ from fbsemlib.training import (
 
 
 class TinyDataset(torch.utils.data.Dataset):
-    """Items with exactly the keys of :class:`fbsemlib.datasets.PETDataset`."""
+    """Items with exactly the keys of :class:`fbsemlib.data.format.PETDataset`."""
 
     def __init__(self, items, num_iterations, num_subsets):
         self.items, self.num_iterations, self.num_subsets = items, num_iterations, num_subsets
@@ -380,7 +380,7 @@ def test_atomic_checkpoint_never_replaced_by_a_partial_file(tmp_path, monkeypatc
     good = {"w": torch.arange(5.0), "step": 3}
     atomic_torch_save(good, path)
 
-    import fbsemlib.checkpoint as ck
+    import fbsemlib.training.checkpoint as ck
 
     real_save = torch.save
 
@@ -484,7 +484,7 @@ def test_cli_train_on_the_smoke_dataset(smoke_dataset, tmp_path, capsys):
     # the trained model loads and reconstructs
     net, configs = load_trained(out)
     assert configs["mode"] == "end-to-end" and net.num_modules == 8
-    from fbsemlib.datasets import PETDataset
+    from fbsemlib.data.format import PETDataset
 
     ds = PETDataset(smoke_dataset, "test", checksums=False)
     b = torch.utils.data.default_collate([ds[0]])

@@ -1,0 +1,132 @@
+"""Command-line interface: ``fbsem <command> ...`` (also ``python -m fbsemlib``).
+
+Each command is a function ``cmd_<name>(args) -> int`` in its own module of this package
+(``fbsemlib.cli.<name>``), imported only when it runs; this module declares the arguments
+and dispatches. Errors that a user can
+fix (bad config, missing file) are reported as ``error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Callable
+
+from fbsemlib.errors import UserError
+
+__all__ = ["main", "build_parser", "Command", "UserError"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``fbsem`` sub-command: ``module.function(args) -> int`` is imported only when the
+    command runs, so ``fbsem --help`` stays fast; ``add_arguments`` declares its options."""
+
+    module: str
+    function: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+
+
+#: entry-point group through which other packages add commands (the book adds ``book``
+#: and ``bench``); the library itself never imports them
+PLUGIN_GROUP = "fbsemlib.commands"
+
+
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_simulate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML (its `data` section is used)")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing complete dataset")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--mode", choices=["end-to-end", "sequential"], default=None)
+    p.add_argument("--data", default=None, help="dataset folder (default: simulate or reuse the cached one)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="training output folder")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--out", default=None, help="where to write the JSON + CSV table (default: --model)")
+    p.add_argument("--device", default=None)
+
+
+def _add_reconstruct(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--sinogram", required=True, help="HDF5 / .npy / .pt file with the sinogram (and factors)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default=None)
+
+
+def _add_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--modules", type=int, required=True, help="number of unrolled modules K")
+    p.add_argument("--mode", choices=["end-to-end", "checkpointed", "sequential"], required=True)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dims", choices=["2d", "3d"], default=None)
+
+
+COMMANDS: dict[str, Command] = {
+    "info": Command("fbsemlib.cli.info", "cmd_info", "versions, backends and devices", _add_info),
+    "simulate": Command("fbsemlib.cli.simulate", "cmd_simulate", "simulate a dataset from a recipe", _add_simulate),
+    "train": Command("fbsemlib.cli.train", "cmd_train", "train FBSEM-Net (end-to-end or sequential)", _add_train),
+    "evaluate": Command("fbsemlib.cli.evaluate", "cmd_evaluate", "evaluate a trained model against baselines", _add_evaluate),
+    "reconstruct": Command("fbsemlib.cli.evaluate", "cmd_reconstruct", "reconstruct a sinogram with a trained model", _add_reconstruct),
+    "memory": Command("fbsemlib.cli.memory", "cmd_memory", "peak training memory for K unrolled modules", _add_memory),
+}
+
+
+def all_commands() -> dict[str, Command]:
+    """The library's commands plus those that installed packages register under
+    :data:`PLUGIN_GROUP` (each entry point names a :class:`Command`)."""
+    commands = dict(COMMANDS)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name not in commands:
+            commands[ep.name] = ep.load()
+    return commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fbsem", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in all_commands().items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = all_commands()[args.command]
+    try:
+        fn = getattr(importlib.import_module(command.module), command.function)
+        rc = fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""The unrolled network: FBSEM-Net and its losses."""
+
+from fbsemlib.models.fbsem import FBSEMNet, ModelConfig, RegulariserCNN
