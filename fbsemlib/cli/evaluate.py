@@ -1,3 +1,31 @@
-"""``fbsem evaluate``."""
+"""``fbsem evaluate`` (a trained model against the baselines on a test split) and
+``fbsem reconstruct`` (a user's sinogram with a trained model)."""
 
-from fbsemlib.evaluation.evaluator import cmd_evaluate, cmd_reconstruct  # noqa: F401  (body moves here)
+from __future__ import annotations
+
+from pathlib import Path
+
+from fbsemlib.data import DatasetError
+from fbsemlib.errors import UserError
+from fbsemlib.evaluation.evaluator import evaluate, print_summary, write_evaluation
+from fbsemlib.evaluation.user_data import reconstruct_file
+
+
+def cmd_evaluate(args) -> int:
+    out = args.out or args.model
+    if not Path(args.model).is_dir():
+        raise UserError(f"model folder {args.model!r} does not exist")
+    try:
+        res = evaluate(args.model, args.data, device=args.device, progress=True)
+    except DatasetError as e:
+        raise UserError(str(e)) from e
+    print_summary(res)
+    j, c = write_evaluation(res, out)
+    print(f"wrote {j} and {c}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    out = reconstruct_file(args.model, args.sinogram, args.out, args.device)
+    print(f"wrote {out}")
+    return 0

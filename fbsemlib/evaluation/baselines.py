@@ -20,16 +20,17 @@ applied unchanged to the test split (:func:`sweep`, :func:`best_settings`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fbsemlib.physics.forward_model import PETForwardModel
+from fbsemlib.data.batch import PETBatch
 from fbsemlib.evaluation.metrics import nrmse
-from fbsemlib.recon.priors import BowsherPrior, QuadraticPrior
+from fbsemlib.physics.forward_model import PETForwardModel
 from fbsemlib.recon.algorithms import map_em, osem, postfilter
+from fbsemlib.recon.priors import BowsherPrior, QuadraticPrior
 
 __all__ = ["BaselineConfig", "METHODS", "reconstruct", "sweep", "best_settings", "SweepResult"]
 
@@ -65,27 +66,23 @@ class BaselineConfig:
         return asdict(self)
 
 
-def _model(projector, batch: dict, device) -> tuple[PETForwardModel, torch.Tensor]:
-    mult = batch["multiplicative"].to(device)
-    add = batch["additive"].to(device)
-    return PETForwardModel(projector, mult, add), batch["y"].to(device)
-
-
 def reconstruct(
     method: str,
     strength: float | None,
-    batch: dict,
+    batch: PETBatch | Mapping,
     projector,
     num_iterations: int,
     num_subsets: int,
     bowsher_neighbours: int = 4,
 ) -> torch.Tensor:
-    """Reconstruct a batch (dict with ``y``, ``multiplicative``, ``additive``, ``mr``;
-    ``(B, 1, ...)``) with one baseline; returns ``(B, 1, Z, Y, X)``."""
+    """Reconstruct a batch (:class:`~fbsemlib.data.batch.PETBatch` or a collated dataset
+    batch, ``(B, 1, ...)``) with one baseline; returns ``(B, 1, Z, Y, X)``."""
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r}; choose from {METHODS}")
     dev = projector.device
-    model, y = _model(projector, batch, dev)
+    b = PETBatch.from_mapping(batch)
+    model = PETForwardModel(projector, b.multiplicative.to(dev), b.additive.to(dev))
+    y = b.y.to(dev)
     if method == "osem":
         return osem(model, y, num_iterations, num_subsets)
     if method == "osem_postfilter":
@@ -94,7 +91,7 @@ def reconstruct(
     if method == "mapem_quadratic":
         prior = QuadraticPrior()
     else:
-        prior = BowsherPrior(batch["mr"].to(dev), num_neighbours=bowsher_neighbours)
+        prior = BowsherPrior(b.mr.to(dev), num_neighbours=bowsher_neighbours)
     beta = float(strength) * beta_scale(model, y, num_subsets)
     return map_em(model, y, prior, beta, num_iterations, num_subsets)
 
@@ -127,8 +124,9 @@ class SweepResult:
         return {"split": self.split, "curves": {k: [list(p) for p in v] for k, v in self.curves.items()}, "best": self.best}
 
 
-def _iterate(dataset, batch_size: int) -> Iterable[dict]:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+def _iterate(dataset, batch_size: int) -> Iterable[PETBatch]:
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        yield PETBatch.from_mapping(batch)
 
 
 def sweep(
@@ -151,8 +149,7 @@ def sweep(
         vals = []
         for batch in _iterate(dataset, cfg.batch_size):
             x = reconstruct(method, strength, batch, projector, its, subs, cfg.bowsher_neighbours)
-            ref = batch["activity"].to(x.device)
-            mask = batch["brain_mask"].to(x.device)
+            ref, mask = batch.activity.to(x.device), batch.brain_mask.to(x.device)
             e = nrmse(x, ref, mask)
             vals.extend(torch.as_tensor(e).flatten().tolist())
         curves.setdefault(method, []).append((strength, sum(vals) / len(vals)))

@@ -1,4 +1,4 @@
-"""Evaluation of a trained FBSEM-Net against the baselines, and reconstruction of user data.
+"""Evaluation of a trained FBSEM-Net against the baselines on a dataset's test split.
 
 :func:`evaluate` reconstructs every test sample with the trained network and with OSEM,
 post-filtered OSEM and MAP-EM (quadratic and Bowsher), whose strengths are picked on the
@@ -14,7 +14,7 @@ mask and against the true activity:
 
 ``fbsem evaluate --model DIR --data DIR`` writes ``evaluation.json`` (per-sample rows, the
 per-method summary and the baseline sweep) and ``evaluation.csv`` (one row per method and
-sample). ``fbsem reconstruct --model DIR --sinogram FILE`` reconstructs a user's data.
+sample) with :func:`write_evaluation`.
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
+from fbsemlib.data import PETBatch, PETDataset
+from fbsemlib.errors import UserError
 from fbsemlib.evaluation import metrics
 from fbsemlib.evaluation.baselines import METHODS as BASELINE_METHODS
 from fbsemlib.evaluation.baselines import BaselineConfig, reconstruct, sweep
+from fbsemlib.training import load_trained
 from fbsemlib.training.checkpoint import atomic_write_json, atomic_write_text
-from fbsemlib.errors import UserError
 
-__all__ = ["evaluate", "lesion_metrics", "white_matter_mask", "summarise", "cmd_evaluate", "cmd_reconstruct",
-           "reconstruct_file"]
+__all__ = ["evaluate", "lesion_metrics", "white_matter_mask", "summarise", "write_evaluation", "print_summary"]
 
 METRIC_KEYS = ("nrmse", "psnr", "ssim", "crc_hot", "crc_cold", "bv_wm")
 
@@ -106,10 +108,10 @@ def summarise(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def _fbsem_recon(net, batch, device) -> torch.Tensor:
+def _fbsem_recon(net, batch: PETBatch, device) -> torch.Tensor:
     net.eval()
-    return net(batch["y"].to(device), batch["multiplicative"].to(device), batch["additive"].to(device),
-               batch["mr"].to(device) if net.config.use_mr else None)
+    return net(batch.y.to(device), batch.multiplicative.to(device), batch.additive.to(device),
+               batch.mr.to(device) if net.config.use_mr else None)
 
 
 #: test samples reconstructed together by :func:`evaluate` (the results do not depend on it)
@@ -124,9 +126,6 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
     precomputed validation ``sweep_result`` skips the baseline sweep. ``batch_size`` test
     samples are reconstructed at once (every method treats the samples of a batch
     independently: the results are those of one sample at a time, to float rounding)."""
-    from fbsemlib.data.format import PETDataset
-    from fbsemlib.training.trainers import load_trained
-
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.time()
@@ -156,7 +155,7 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
     for start in range(0, n, bs):
         idx = list(range(start, min(start + bs, n)))
         items = [test[i] for i in idx]
-        batch = {k: torch.stack([it[k] for it in items]) for k, v in items[0].items() if torch.is_tensor(v)}
+        batch = PETBatch.from_mapping(default_collate(items))
         recons = {}
         for method in methods:
             if method == "fbsem":
@@ -231,83 +230,3 @@ def print_summary(result: dict) -> None:
         sd = bs.get("std_percent")
         print(f"{m:<18}" + "".join(cells) + (f"{b:>10.3g}" if b is not None else f"{'-':>10}")
               + (f"{sd:>10.3g}" if sd is not None else f"{'-':>10}"))
-
-
-def cmd_evaluate(args) -> int:
-    from fbsemlib.data.format import DatasetError
-
-    out = args.out or args.model
-    if not Path(args.model).is_dir():
-        raise UserError(f"model folder {args.model!r} does not exist")
-    try:
-        res = evaluate(args.model, args.data, device=args.device, progress=True)
-    except DatasetError as e:
-        raise UserError(str(e)) from e
-    print_summary(res)
-    j, c = write_evaluation(res, out)
-    print(f"wrote {j} and {c}")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------
-# reconstruct a user's data
-# ----------------------------------------------------------------------------------------
-def _read_input(path: Path) -> dict:
-    if not path.exists():
-        raise UserError(f"sinogram file {str(path)!r} does not exist")
-    suf = "".join(path.suffixes[-1:]).lower()
-    if suf in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            return {k: torch.from_numpy(np.asarray(f[k][()])).float() for k in ("y", "multiplicative", "additive", "mr")
-                    if k in f}
-    if suf == ".npy":
-        return {"y": torch.from_numpy(np.load(path)).float()}
-    if suf in (".pt", ".pth"):
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        if torch.is_tensor(d):
-            return {"y": d.float()}
-        return {k: v.float() for k, v in d.items() if k in ("y", "multiplicative", "additive", "mr")}
-    raise UserError(f"unsupported sinogram file {str(path)!r}: use .h5 (datasets y, multiplicative, additive, mr), "
-                    ".pt (a tensor or such a dict) or .npy (y only)")
-
-
-def reconstruct_file(model_dir, sinogram_path, out_path=None, device=None) -> Path:
-    """Reconstruct the data in ``sinogram_path`` with a trained model; writes ``.npy``."""
-    from fbsemlib.training.trainers import load_trained
-
-    net, _ = load_trained(model_dir, device=device)
-    P = net.projector
-    d = _read_input(Path(sinogram_path))
-    if "y" not in d:
-        raise UserError(f"{sinogram_path}: no sinogram 'y' found")
-
-    def shape5(t, name, trailing):
-        t = t.to(P.device)
-        while t.ndim < 5:
-            t = t[None]
-        if tuple(t.shape[-3:]) != tuple(trailing):
-            raise UserError(f"{name} has shape {tuple(t.shape)}; expected (..., {', '.join(map(str, trailing))}) "
-                            "for this model's geometry")
-        return t
-
-    y = shape5(d["y"], "y", P.out_shape)
-    if bool((y < 0).any()) or not bool(torch.isfinite(y).all()):
-        raise UserError("y must be finite and non-negative")
-    mult = shape5(d["multiplicative"], "multiplicative", P.out_shape) if "multiplicative" in d else None
-    add = shape5(d["additive"], "additive", P.out_shape) if "additive" in d else None
-    mr = shape5(d["mr"], "mr", P.in_shape) if "mr" in d else None
-    if net.config.use_mr and mr is None:
-        raise UserError("this model uses an MR image: give 'mr' in the input file")
-    with torch.no_grad():
-        x = net(y, mult, add, mr)
-    out = Path(out_path) if out_path else Path(sinogram_path).with_name(Path(sinogram_path).stem + "_fbsem.npy")
-    np.save(out, x.cpu().numpy()[:, 0])
-    return out
-
-
-def cmd_reconstruct(args) -> int:
-    out = reconstruct_file(args.model, args.sinogram, args.out, args.device)
-    print(f"wrote {out}")
-    return 0
