@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fbsemlib.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_projector_benchmark_quick_writes_json(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fbsembook import build as book
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # `fbsem ...` with this interpreter (`python -m fbsemlib.cli` would load cli.py twice, as
 # __main__ and as fbsemlib.cli, and miss the UserError -> exit 2 mapping)
 FBSEM = [sys.executable, "-c", "import sys; from fbsemlib.cli import main; sys.exit(main())"]

@@ -325,7 +325,7 @@ def test_chapter_defaults_of_the_book_chapters():
     """The results chapter reads the seeds of chapters 5 and 6 this way."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for n in (5, 6):
         if not list((root / "book").glob(f"{n:02d}_*.md")):
             pytest.skip(f"chapter {n} is not written yet")
