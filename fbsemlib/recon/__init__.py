@@ -4,4 +4,3 @@ MAP-EM and the priors."""
 from fbsemlib.recon.em import fuse
 from fbsemlib.recon.algorithms import map_em, mlem, osem, postfilter
 from fbsemlib.recon.priors import BowsherPrior, QuadraticPrior
-from fbsemlib.evaluation.baselines import BaselineConfig
