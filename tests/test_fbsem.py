@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from fbsemlib.models.fbsem import FBSEMNet, ModelConfig, relative_mse, target_weights, unrolled_loss
+from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
+from fbsemlib.models.losses import relative_mse, target_weights, unrolled_loss
 from fbsemlib.physics.forward_model import PETForwardModel
 
 
@@ -48,7 +49,7 @@ def test_shapes_and_parameters(three_d, shared):
     cfg = ModelConfig(width=4, depth=3, shared=shared)
     net = FBSEMNet(P, 2, 2, cfg)
     out = net(y, mult, add, mr)
-    assert out.shape == x.shape and float(out.min()) >= 0
+    assert out.shape == x.shape and float(out.detach().min()) >= 0
     assert len(net.regularisers) == (1 if shared else 4)
     assert net.rho.numel() == (1 if shared else 4)
     assert net.dims == (3 if three_d else 2)

@@ -7,8 +7,10 @@ image ``x_k`` to
     x_reg = CNN_k(x_k [, MR])                                         (learned regulariser)
     x_k+1 = fuse(x_em, x_reg, s_m, gamma_k)                           (closed-form fusion)
 
-where ``fuse`` maximises ``s_m (x_em ln z - z) - gamma_k/2 (z - x_reg)^2`` voxel-wise
-(:mod:`fbsemlib.recon.em`), so the effective regularisation strength is ``gamma_k / s_m``.
+where ``fuse`` maximises ``s_m (x_em ln z - z) - gamma_k/2 (z - x_reg)^2`` voxel-wise, so the
+effective regularisation strength is ``gamma_k / s_m``: the EM-then-fuse step of MAP-EM
+(:func:`fbsemlib.recon.em.em_fusion_step`) with a learned regulariser. The losses are in
+:mod:`fbsemlib.models.losses`.
 
 Choices (stated, and configurable in :class:`ModelConfig`):
 
@@ -35,11 +37,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fbsemlib.physics.forward_model import PETForwardModel
-from fbsemlib.recon.em import fuse
 from fbsemlib.physics.operators import check_tensor
 from fbsemlib.physics.projector import Projector
+from fbsemlib.physics.subsets import sinogram_subset, sinogram_subset_index
+from fbsemlib.provenance import is_int
+from fbsemlib.recon.em import em_fusion_step
 
-__all__ = ["ModelConfig", "RegulariserCNN", "FBSEMNet", "UnrollContext", "target_weights", "relative_mse", "unrolled_loss"]
+__all__ = ["ModelConfig", "RegulariserCNN", "FBSEMNet", "UnrollContext"]
 
 
 @dataclass
@@ -60,7 +64,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("depth", "width", "kernel_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {v!r}")
         if self.depth < 2:
             raise ValueError(f"model.depth must be >= 2, got {self.depth}")
@@ -124,6 +128,8 @@ class FBSEMNet(nn.Module):
 
     Images are ``(B, 1, Z, Y, X)``; data ``y``, ``multiplicative`` (n * a) and
     ``additive`` (b) are ``(B, 1, planes, views, radial)``; ``mr`` is ``(B, 1, Z, Y, X)``.
+    ``net.to(device)`` / ``.cuda()`` / ``.cpu()`` move the projector too (the same
+    projector when it is already there).
     """
 
     def __init__(self, projector: Projector, num_iterations: int, num_subsets: int, config: ModelConfig | None = None):
@@ -131,7 +137,7 @@ class FBSEMNet(nn.Module):
         if not isinstance(projector, Projector):
             raise TypeError(f"projector must be a Projector, got {type(projector).__name__}")
         for name, v in (("num_iterations", num_iterations), ("num_subsets", num_subsets)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if num_subsets > projector.out_shape[1]:
             raise ValueError(f"num_subsets={num_subsets} exceeds the {projector.out_shape[1]} views")
@@ -139,7 +145,6 @@ class FBSEMNet(nn.Module):
         self.projector = projector
         self.num_iterations = num_iterations
         self.num_subsets = num_subsets
-        self.subset_projectors = [projector.subset(m, num_subsets) for m in range(num_subsets)] if num_subsets > 1 else [projector]
         self.dims = 2 if projector.grid.shape[0] == 1 else 3
         n_nets = 1 if self.config.shared else self.num_modules
         in_ch = 2 if self.config.use_mr else 1
@@ -162,6 +167,13 @@ class FBSEMNet(nn.Module):
     def module_parameters(self, k: int) -> list[nn.Parameter]:
         """The trainable parameters used by module k (its CNN and its ``rho``)."""
         return list(self.regularisers[self.net_index(k)].parameters()) + [self.rho]
+
+    def _apply(self, fn, *args, **kwargs):
+        """``to`` / ``cuda`` / ``cpu`` / ``double`` ... of the parameters, then the projector
+        follows the parameters' device (:meth:`Projector.to`)."""
+        super()._apply(fn, *args, **kwargs)
+        self.projector = self.projector.to(self.rho.device)
+        return self
 
     # -- per batch ----------------------------------------------------------------------
     def prepare(self, y, multiplicative=None, additive=None, mr=None, x0=None) -> UnrollContext:
@@ -204,14 +216,14 @@ class FBSEMNet(nn.Module):
 
     def subset_slice(self, m: int):
         """Index of subset ``m``'s views in a sinogram-shaped tensor ``(..., planes, views, radial)``."""
-        M = self.num_subsets
-        return (Ellipsis, slice(m, None, M), slice(None)) if M > 1 else (Ellipsis,)
+        return sinogram_subset_index(m, self.num_subsets, self.projector.out_shape[1])
 
     def subset_model(self, m: int, multiplicative=None, additive=None) -> PETForwardModel:
-        """The forward model of subset ``m`` (its views of the sinogram-shaped factors)."""
-        sl = self.subset_slice(m)
-        take = lambda t: None if t is None else t[sl]  # noqa: E731
-        return PETForwardModel(self.subset_projectors[m], take(multiplicative), take(additive))
+        """The forward model of subset ``m`` (its projector, kept by the projector, and its
+        views of the sinogram-shaped factors)."""
+        M = self.num_subsets
+        return PETForwardModel(self.projector.subset(m, M), sinogram_subset(multiplicative, m, M),
+                               sinogram_subset(additive, m, M))
 
     @staticmethod
     def _batched_sensitivity(fm: PETForwardModel, y: torch.Tensor) -> torch.Tensor:
@@ -227,17 +239,15 @@ class FBSEMNet(nn.Module):
     def step(self, k: int, x: torch.Tensor, ctx: UnrollContext) -> torch.Tensor:
         """Module ``k``: ``x_k -> x_{k+1}`` (see module docstring)."""
         m = k % self.num_subsets
-        fm, s = ctx.models[m], ctx.sens[m]
-        if self.config.detach_em:
-            with torch.no_grad():
-                x_em = fm.em_update(x.detach(), ctx.ys[m], s)
-        else:
-            x_em = fm.em_update(x, ctx.ys[m], s)
-        scale = _masked_mean(x.detach(), ctx.support).clamp_min(1e-12)
         net = self.regularisers[self.net_index(k)]
-        x_reg = self._cnn(net, x / scale, ctx.mr) * scale
-        gamma = self.gamma(k) * ctx.sens_mean[m] / scale
-        return fuse(x_em, x_reg, s, gamma) * ctx.support
+
+        def regulariser(x):
+            scale = _masked_mean(x.detach(), ctx.support).clamp_min(1e-12)
+            x_reg = self._cnn(net, x / scale, ctx.mr) * scale
+            return x_reg, self.gamma(k) * ctx.sens_mean[m] / scale
+
+        x_next = em_fusion_step(ctx.models[m], x, ctx.ys[m], ctx.sens[m], regulariser, detach_em=self.config.detach_em)
+        return x_next * ctx.support
 
     def _cnn(self, net: RegulariserCNN, x: torch.Tensor, mr: torch.Tensor | None) -> torch.Tensor:
         if self.dims == 2:
@@ -282,60 +292,3 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     num = (x * m).flatten(1).sum(1)
     den = m.flatten(1).sum(1).clamp_min(1)
     return (num / den).view(-1, *([1] * (x.ndim - 1)))
-
-
-# ----------------------------------------------------------------------------------------
-# losses
-# ----------------------------------------------------------------------------------------
-def relative_mse(x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``||x - t||^2 / ||t||^2`` per batch item, averaged over the batch (scale-free)."""
-    d = (x - target) ** 2
-    t = target**2
-    if mask is not None:
-        d, t = d * mask, t * mask
-    return (d.flatten(1).sum(1) / t.flatten(1).sum(1).clamp_min(1e-12)).mean()
-
-
-def target_weights(num_modules: int, scheme: str | Sequence[float] = "uniform") -> torch.Tensor:
-    """Weights of the per-module losses (normalised to sum 1): ``"uniform"``,
-    ``"linear"`` (w_k proportional to k+1), ``"last"`` (final module only) or an explicit list."""
-    if isinstance(scheme, str):
-        if scheme == "uniform":
-            w = torch.ones(num_modules)
-        elif scheme == "linear":
-            w = torch.arange(1, num_modules + 1, dtype=torch.float32)
-        elif scheme == "last":
-            w = torch.zeros(num_modules)
-            w[-1] = 1
-        else:
-            raise ValueError(f"unknown loss weighting {scheme!r}; use 'uniform', 'linear', 'last' or a list")
-    else:
-        w = torch.as_tensor(list(scheme), dtype=torch.float32)
-        if w.numel() != num_modules or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError(f"loss weights must be {num_modules} non-negative numbers with a positive sum")
-    return w / w.sum()
-
-
-def unrolled_loss(
-    outputs: Sequence[torch.Tensor],
-    targets: torch.Tensor | None = None,
-    target_final: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Iteration-dependent targets (``targets``: ``(B, K, 1, Z, Y, X)``): ``sum_k w_k
-    L(x_k, t_k)``; single final target (``target_final``: ``(B, 1, Z, Y, X)``):
-    ``L(x_K, t)``. ``L`` is :func:`relative_mse`."""
-    if targets is not None:
-        K = len(outputs)
-        if targets.shape[1] != K:
-            raise ValueError(f"got {targets.shape[1]} targets for {K} module outputs")
-        w = target_weights(K) if weights is None else weights
-        total = 0.0
-        for k in range(K):
-            if float(w[k]) > 0:
-                total = total + float(w[k]) * relative_mse(outputs[k], targets[:, k], mask)
-        return total
-    if target_final is None:
-        raise ValueError("give iteration-dependent targets or a final target")
-    return relative_mse(outputs[-1], target_final, mask)

@@ -24,29 +24,23 @@ import torch
 from fbsemlib.physics.geometry import SinogramGeometry
 from fbsemlib.physics.operators import check_tensor
 from fbsemlib.physics.projector import Projector
+from fbsemlib.physics.subsets import sinogram_subset, subset_slice
 
 __all__ = [
     "PETForwardModel",
     "attenuation_factors",
     "normalisation_factors",
     "poisson_log_likelihood",
-    "EPS",
 ]
-
-EPS = 1e-8  # guards divisions by the expected data
 
 
 def attenuation_factors(projector: Projector, mu_map_per_mm: torch.Tensor) -> torch.Tensor:
     """``a = exp(-A mu)`` for a mu-map in 1/mm of shape ``(..., Z, Y, X)``.
 
-    The PSF of the projector (if any) is not applied to the mu-map."""
+    The PSF of the projector (if any) is not applied to the mu-map
+    (:meth:`Projector.without_psf`; the projector, which may be shared, is not changed)."""
     check_tensor(mu_map_per_mm, "mu_map_per_mm", projector.in_shape, nonnegative=True)
-    psf, projector.psf = projector.psf, None
-    try:
-        line_integrals = projector(mu_map_per_mm)
-    finally:
-        projector.psf = psf
-    return torch.exp(-line_integrals)
+    return torch.exp(-projector.without_psf()(mu_map_per_mm))
 
 
 def normalisation_factors(
@@ -124,9 +118,12 @@ class PETForwardModel:
         return self.projector.device
 
     def subset(self, k: int, num_subsets: int) -> "PETForwardModel":
-        views = slice(k, None, num_subsets)
-        sub = self.projector.subset(k, num_subsets)
-        take = lambda t: None if t is None else t[..., views, :]  # noqa: E731
+        """The model of ordered subset ``k`` of ``num_subsets``: the subset's projector and
+        its views of every factor (:mod:`fbsemlib.physics.subsets`). One subset is the
+        model itself (same projector)."""
+        subset_slice(k, num_subsets, self.projector.out_shape[1])  # a clear error for a bad subset
+        sub = self.projector if num_subsets == 1 else self.projector.subset(k, num_subsets)
+        take = lambda t: sinogram_subset(t, k, num_subsets)  # noqa: E731
         return PETForwardModel(sub, take(self.multiplicative), take(self.additive))
 
     def subsets(self, num_subsets: int) -> list["PETForwardModel"]:
@@ -163,19 +160,6 @@ class PETForwardModel:
     def log_likelihood(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Poisson log-likelihood of data ``y`` given image ``x`` (one value per batch item)."""
         return poisson_log_likelihood(y, self.expected(x))
-
-    def em_update(self, x: torch.Tensor, y: torch.Tensor, sensitivity: torch.Tensor | None = None) -> torch.Tensor:
-        """One (OS)EM step
-
-            x_em = x / s * A^T( m * y / (m * A x + b) ),
-
-        zero where the sensitivity ``s`` is zero (outside the field of view)."""
-        s = self.sensitivity(x) if sensitivity is None else sensitivity
-        ybar = self.expected(x)
-        ratio = y / ybar.clamp_min(EPS)
-        back = self.linear_adjoint(ratio)
-        pos = s > 0
-        return torch.where(pos, x * back / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(x))
 
     def check_data(self, y: torch.Tensor, name: str = "sinogram") -> None:
         """Raise a clear error unless ``y`` is a finite, non-negative sinogram of this model."""

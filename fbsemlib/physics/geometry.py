@@ -38,6 +38,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fbsemlib.physics.subsets import subset_views
+from fbsemlib.provenance import is_int
+
 __all__ = [
     "RingScanner",
     "SinogramGeometry",
@@ -55,7 +58,7 @@ def _positive(name: str, value: float) -> None:
 
 
 def _positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -254,7 +257,8 @@ class SinogramGeometry:
         return torch.as_tensor(start, dtype=dtype), torch.as_tensor(end, dtype=dtype)
 
     def subset(self, m: int, num_subsets: int) -> "SinogramGeometry":
-        """Views ``m, m + num_subsets, m + 2 num_subsets, ...`` of this sinogram."""
+        """Ordered subset ``m`` of ``num_subsets``: views ``m, m + num_subsets, ...`` of this
+        sinogram (:func:`~fbsemlib.physics.subsets.subset_views`)."""
         views = subset_views(self.view_indices, m, num_subsets)
         return SinogramGeometry(self.scanner, self.radial_trim, self.max_ring_difference, tuple(views))
 
@@ -266,17 +270,6 @@ class SinogramGeometry:
             "max_ring_difference": self.max_ring_difference,
             "views": None if self.views is None else list(self.views),
         }
-
-
-def subset_views(view_indices: np.ndarray, m: int, num_subsets: int) -> np.ndarray:
-    """Interleaved subset ``m`` of ``num_subsets`` (views ``m::num_subsets``)."""
-    if not isinstance(num_subsets, (int, np.integer)) or num_subsets < 1:
-        raise ValueError(f"num_subsets must be a positive integer, got {num_subsets!r}")
-    if num_subsets > len(view_indices):
-        raise ValueError(f"num_subsets={num_subsets} exceeds the {len(view_indices)} views")
-    if not isinstance(m, (int, np.integer)) or not 0 <= m < num_subsets:
-        raise ValueError(f"subset index m must lie in 0..{num_subsets - 1}, got {m!r}")
-    return np.asarray(view_indices)[m::num_subsets]
 
 
 @dataclass(frozen=True)

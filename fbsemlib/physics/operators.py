@@ -125,7 +125,9 @@ def _apply_batched(op: LinearOperator, x: torch.Tensor, adjoint: bool) -> torch.
 
 
 class CompositeOperator(LinearOperator):
-    """``A @ B``: apply ``B`` then ``A`` (e.g. projector after a PSF)."""
+    """``A @ B``: apply ``B`` then ``A`` (e.g. a projector after a PSF). The sinogram
+    helpers of the outer operator ``A`` (:meth:`subset`, :meth:`lor_endpoints`) are those
+    of the composite, so ``A @ G`` serves as the projector of a forward model."""
 
     def __init__(self, a: LinearOperator, b: LinearOperator):
         if tuple(a.in_shape) != tuple(b.out_shape):
@@ -150,11 +152,16 @@ class CompositeOperator(LinearOperator):
     def _adjoint(self, y):
         return self.b._adjoint(self.a._adjoint(y))
 
-    def __getattr__(self, name):
-        # expose geometry helpers (lor_endpoints, subset, ...) of the outer operator
-        if name in ("a", "b"):
-            raise AttributeError(name)
-        return getattr(self.a, name)
+    def subset(self, m: int, num_subsets: int) -> "CompositeOperator":
+        """``A_m @ B``: the outer operator's ordered subset ``m`` (its views) after ``B``."""
+        return CompositeOperator(self.a.subset(m, num_subsets), self.b)
+
+    def subsets(self, num_subsets: int) -> list["CompositeOperator"]:
+        return [self.subset(m, num_subsets) for m in range(num_subsets)]
+
+    def lor_endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outer operator's bin endpoints (see :meth:`Projector.lor_endpoints`)."""
+        return self.a.lor_endpoints()
 
 
 def adjointness_error(op: LinearOperator, dtype=torch.float64, batch: int = 1, seed: int = 0) -> float:

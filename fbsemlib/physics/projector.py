@@ -36,6 +36,7 @@ from fbsemlib.physics._joseph import AxialSegments, JosephSampler, OnTheFly, bui
 from fbsemlib.physics.geometry import ImageGrid, ParallelBeamGeometry, SinogramGeometry
 from fbsemlib.physics.operators import LinearOperator
 from fbsemlib.physics.psf import GaussianPSF
+from fbsemlib.physics.subsets import subset_slice
 
 __all__ = ["Projector", "parallelproj_available"]
 
@@ -104,6 +105,7 @@ class Projector(LinearOperator):
         self._subset_cache: dict = {}
         self._otf = None
         self._seg = None
+        self._line_integrals = None  # the PSF-free view (without_psf), built on first use
         self.method = None
         if backend == "torch":
             reason = None
@@ -167,8 +169,12 @@ class Projector(LinearOperator):
         return self._start.clone(), self._end.clone()
 
     def subset(self, m: int, num_subsets: int) -> "Projector":
-        """Projector onto views ``m, m + num_subsets, ...`` (ordered subsets). Subset
+        """Projector onto the views of ordered subset ``m`` of ``num_subsets``
+        (:mod:`fbsemlib.physics.subsets`); the one subset of one is this projector. Subset
         projectors are built once and kept (their system matrices are reused)."""
+        subset_slice(m, num_subsets, self.out_shape[1])  # a clear error for a bad subset
+        if num_subsets == 1:
+            return self
         key = (int(m), int(num_subsets))
         if key not in self._subset_cache:
             self._subset_cache[key] = Projector(self.sinogram.subset(m, num_subsets), self.grid, self.backend,
@@ -179,7 +185,20 @@ class Projector(LinearOperator):
         return [self.subset(m, num_subsets) for m in range(num_subsets)]
 
     def to(self, device: str | torch.device) -> "Projector":
+        """This projector on ``device``: itself when it is there already, else a new one
+        with the same options (its matrices are built there on first use)."""
+        if _resolved(torch.device(device)) == _resolved(self._device):
+            return self
         return Projector(self.sinogram, self.grid, self.backend, device, **self._options)
+
+    def without_psf(self) -> LinearOperator:
+        """The line integrals ``A`` alone (``A G`` without its PSF ``G``), sharing this
+        projector's matrices and caches; this projector itself when it has no PSF."""
+        if self.psf is None:
+            return self
+        if self._line_integrals is None:
+            self._line_integrals = _LineIntegrals(self)
+        return self._line_integrals
 
     def matrix_nnz(self) -> int | None:
         """Non-zeros of the system matrix (matrix path) or of the per-segment matrices built
@@ -199,6 +218,16 @@ class Projector(LinearOperator):
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.psf is not None:
             x = self.psf._apply(x)
+        return self._line_integral(x)
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        x = self._line_integral_adjoint(y)
+        if self.psf is not None:
+            x = self.psf._adjoint(x)
+        return x
+
+    def _line_integral(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` (no PSF) of a batch ``(N, *in_shape)``."""
         N = x.shape[0]
         if self.backend == "parallelproj":
             y = _pp_forward(self, x)
@@ -211,7 +240,8 @@ class Projector(LinearOperator):
             y = self._otf.forward(x)
         return y.reshape((N,) + self.out_shape)
 
-    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+    def _line_integral_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y`` (no PSF) of a batch ``(N, *out_shape)``."""
         N = y.shape[0]
         if self.backend == "parallelproj":
             x = _pp_adjoint(self, y)
@@ -222,10 +252,40 @@ class Projector(LinearOperator):
             x = self._seg.adjoint(y.reshape(N, -1))
         else:
             x = self._otf.adjoint(y.reshape(N, -1))
-        x = x.reshape((N,) + self.in_shape)
-        if self.psf is not None:
-            x = self.psf._adjoint(x)
-        return x
+        return x.reshape((N,) + self.in_shape)
+
+
+def _resolved(device: torch.device) -> torch.device:
+    """``device`` with the current CUDA device's index made explicit (``cuda`` -> ``cuda:0``)."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _LineIntegrals(LinearOperator):
+    """The PSF-free part ``A`` of a projector ``A G`` (e.g. for attenuation factors
+    ``exp(-A mu)``): a view of the projector, whose matrices and caches it uses."""
+
+    def __init__(self, projector: Projector):
+        self.projector = projector
+
+    @property
+    def in_shape(self):
+        return self.projector.in_shape
+
+    @property
+    def out_shape(self):
+        return self.projector.out_shape
+
+    @property
+    def device(self):
+        return self.projector.device
+
+    def _apply(self, x):
+        return self.projector._line_integral(x)
+
+    def _adjoint(self, y):
+        return self.projector._line_integral_adjoint(y)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,22 +2,24 @@
 
 All functions take a :class:`~fbsemlib.physics.forward_model.PETForwardModel` and measured
 data ``y`` (``(..., planes, views, radial)``, broadcast like the model's factors) and
-return images ``(..., Z, Y, X)``. Subsets are interleaved views (``k::num_subsets``),
-visited in order ``0, 1, ..., num_subsets - 1`` at every iteration; the initial image
-is ``x0 = 1`` inside the sensitivity support (as FBSEM-Net uses).
+return images ``(..., Z, Y, X)``. Every (sub)iteration is
+:func:`fbsemlib.recon.em.em_fusion_step` (an EM update, fused with a prior for MAP-EM).
+Subsets are interleaved views (:mod:`fbsemlib.physics.subsets`), visited in order
+``0, 1, ..., num_subsets - 1`` at every iteration; the initial image is ``x0 = 1`` inside
+the sensitivity support (as FBSEM-Net uses).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from fbsemlib.physics.forward_model import PETForwardModel
-from fbsemlib.recon.em import fuse
 from fbsemlib.physics.operators import check_tensor
 from fbsemlib.physics.psf import FWHM_TO_SIGMA, gaussian_filter
+from fbsemlib.physics.subsets import sinogram_subset
+from fbsemlib.provenance import is_int
+from fbsemlib.recon.em import Regulariser, em_fusion_step
 
 __all__ = ["initial_image", "mlem", "osem", "postfilter", "map_em"]
 
@@ -27,7 +29,7 @@ def _check(model: PETForwardModel, y: torch.Tensor, num_iterations: int, num_sub
         raise TypeError(f"model must be a PETForwardModel, got {type(model).__name__}")
     model.check_data(y, "y")
     for name, v in (("num_iterations", num_iterations), ("num_subsets", num_subsets)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if num_subsets > model.projector.out_shape[1]:
         raise ValueError(f"num_subsets={num_subsets} exceeds the {model.projector.out_shape[1]} views")
@@ -46,13 +48,13 @@ def _run(
     num_iterations: int,
     num_subsets: int,
     x0: torch.Tensor | None,
-    step: Callable,
+    regulariser: Regulariser | None,
     return_iterates: bool,
     progress: bool,
     desc: str,
 ):
-    subsets = model.subsets(num_subsets) if num_subsets > 1 else [model]
-    ys = [y[..., k::num_subsets, :] for k in range(num_subsets)] if num_subsets > 1 else [y]
+    subsets = model.subsets(num_subsets)
+    ys = [sinogram_subset(y, k, num_subsets) for k in range(num_subsets)]
     sens = [m.sensitivity(y) for m in subsets]
     x = initial_image(model, y) if x0 is None else x0.clone()
     if x0 is not None:
@@ -62,7 +64,7 @@ def _run(
     with torch.no_grad():
         for _ in range(num_iterations):
             for k in range(num_subsets):
-                x = step(subsets[k], x, ys[k], sens[k])
+                x = em_fusion_step(subsets[k], x, ys[k], sens[k], regulariser)
                 if return_iterates:
                     iterates.append(x.clone())
                 bar.update()
@@ -83,8 +85,7 @@ def osem(
     ``num_iterations * num_subsets`` sub-iterates (the iteration-dependent targets when
     ``y`` is noise-free)."""
     _check(model, y, num_iterations, num_subsets)
-    step = lambda m, x, yk, s: m.em_update(x, yk, s)  # noqa: E731
-    return _run(model, y, num_iterations, num_subsets, x0, step, return_iterates, progress, "OSEM")
+    return _run(model, y, num_iterations, num_subsets, x0, None, return_iterates, progress, "OSEM")
 
 
 def mlem(model: PETForwardModel, y: torch.Tensor, num_iterations: int, x0=None, return_iterates=False, progress=False):
@@ -127,12 +128,10 @@ def map_em(
         raise ValueError(f"beta must be finite and non-negative, got {beta!r}")
     zero = not bool((beta_t != 0).any())
 
-    def step(m, x, yk, s):
-        x_em = m.em_update(x, yk, s)
-        if zero:
-            return x_em
+    def regulariser(x):
         x_reg, w = prior.surrogate(x)
-        return fuse(x_em, x_reg, s, beta_t * w)
+        return x_reg, beta_t * w
 
-    return _run(model, y, num_iterations, num_subsets, x0, step, return_iterates, progress, "MAP-EM")
+    return _run(model, y, num_iterations, num_subsets, x0, None if zero else regulariser, return_iterates, progress,
+                "MAP-EM")
 
