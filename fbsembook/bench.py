@@ -390,7 +390,7 @@ def bench_training(quick: bool = False, device: str | None = None, repeats: int 
     import tempfile
 
     from fbsembook import experiments as ex
-    from fbsemlib.data.format import PETDataset
+    from fbsemlib.data import PETDataset
     from fbsemlib.models.fbsem import FBSEMNet
     from fbsemlib.training.trainers import TrainConfig, make_trainer, parse_model_section
     from fbsemlib.config import from_dict
@@ -451,7 +451,8 @@ def bench_simulation(quick: bool = False, device: str | None = None) -> list[dic
 
     from fbsembook import experiments as ex
     from fbsemlib.config import from_dict
-    from fbsemlib.data.simulate import DataConfig, SimulationContext, simulate_dataset, simulate_subject, split_subjects
+    from fbsemlib.data import DataConfig
+    from fbsemlib.data.simulate import SimulationContext, simulate_dataset, simulate_subject, split_subjects
 
     rows = []
     for profile in (("smoke",) if quick else ("smoke", "cpu")):

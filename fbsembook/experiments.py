@@ -99,9 +99,9 @@ def _locked(name: str):
 
 def dataset(sections: dict, progress: bool = False) -> Path:
     """The dataset of the ``data:`` recipe (simulated once, then reused)."""
-    from fbsemlib.data.simulate import DataConfig, cached_dataset
+    from fbsemlib.data import DataConfig, cached_dataset
 
-    from fbsemlib.data.simulate import recipe_hash
+    from fbsemlib.data import recipe_hash
 
     recipe = from_dict(DataConfig, sections["data"], "data")
     with _locked(f"data-{recipe_hash(recipe)[:16]}"):
@@ -149,7 +149,7 @@ class Run:
 def train(sections: dict, mode: str | None = None, seed: int | None = None, progress: bool = False,
           device: str | None = None, data_dir: Path | None = None, name: str | None = None) -> Run:
     """Train (or reuse) FBSEM-Net for ``sections`` (``model:``, ``train:``, ``data:``)."""
-    from fbsemlib.data.simulate import DataConfig, recipe_hash
+    from fbsemlib.data import DataConfig, recipe_hash
     from fbsemlib.training.trainers import MODEL_NAME, OPERATIONAL_FIELDS, TrainConfig, parse_model_section
 
     model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
@@ -174,7 +174,7 @@ def train(sections: dict, mode: str | None = None, seed: int | None = None, prog
 
 def _train_into(out, key, data_dir, model_cfg, train_cfg, n_it, n_sub, mode, device, progress) -> None:
     """Train one run into ``out`` (resuming a checkpoint left by an interrupted build)."""
-    from fbsemlib.data.format import PETDataset
+    from fbsemlib.data import PETDataset
     from fbsemlib.models.fbsem import FBSEMNet
     from fbsemlib.training.trainers import make_trainer
 
@@ -214,7 +214,7 @@ def baseline_sweep(data_dir: Path, config: BaselineConfig | None = None, split: 
                    device: str | None = None, progress: bool = False) -> SweepResult:
     """Cached :func:`fbsemlib.evaluation.baselines.sweep` of one split (default config: the
     ``baselines:`` section of the dataset's profile)."""
-    from fbsemlib.data.format import PETDataset, open_dataset
+    from fbsemlib.data import PETDataset, open_dataset
 
     info = open_dataset(data_dir, checksums=False)
     cfg = config or _default_baselines(info)

@@ -1,7 +1,7 @@
 """Looking inside trained runs (used by the book's chapters 7 and 8).
 
 * :func:`stack_samples` -- a batch of dataset samples (the tensors of
-  :class:`~fbsemlib.data.format.PETDataset` items stacked along a new batch dimension);
+  :class:`~fbsemlib.data.dataset.PETDataset` items stacked along a new batch dimension);
 * :func:`module_outputs` -- the output of every unrolled module of a trained FBSEM-Net;
 * :func:`module_trace` -- per module ``k``, the NRMSE of its output against the true
   activity and against its own iteration-dependent target, and the NRMSE of that target

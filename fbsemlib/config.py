@@ -2,7 +2,7 @@
 
 An experiment file is a YAML mapping of *sections*::
 
-    data:      # the simulation recipe -> fbsemlib.data.simulate.DataConfig
+    data:      # the simulation recipe -> fbsemlib.data.recipe.DataConfig
       scanner: small2d
       ...
     model:     # read by the model / training code

@@ -32,7 +32,7 @@ def smoke_dataset(tmp_path_factory):
     """The `smoke` recipe simulated once per test session (about 5 s)."""
     from pathlib import Path
 
-    from fbsemlib.data.simulate import load_data_config, simulate_dataset
+    from fbsemlib.data import load_data_config, simulate_dataset
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_data_config(root / "data" / "smoke.yaml")

@@ -3,6 +3,7 @@ truncated, missing or incompatible files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from fbsemlib.config import from_dict
-from fbsemlib.data.format import SAMPLE_KEYS, DatasetError, PETDataset, open_dataset, sha256_file, validate_dataset
+from fbsemlib.data import SAMPLE_KEYS, DataConfig, DatasetError, PETDataset, open_dataset, simulate_dataset, validate_dataset
+from fbsemlib.data.format import sha256_file
 from fbsemlib.physics.geometry import ImageGrid, sinogram_preset
 from fbsemlib.physics.projector import Projector
-from fbsemlib.data.simulate import DataConfig, simulate_dataset
 
 RECIPE = dict(
     name="tinyds", scanner="tiny2d", image_shape=[1, 24, 24], voxel_size_mm=[2.0, 9.0, 9.0],
@@ -81,6 +82,35 @@ def test_sample_keys_shapes_dtypes(ds_dir):
     assert ds.geometry == sinogram_preset("tiny2d")
     assert ds.grid == ImageGrid((1, 24, 24), (2.0, 9.0, 9.0))
     assert "tinyds" in ds.manifest["recipe"]["name"]
+
+
+def test_sample_contract_is_petbatch(ds_dir):
+    """One sample contract: the dataset serves the fields of PETBatch, in their order, and
+    every sample or collated batch reads back as a PETBatch."""
+    from fbsemlib.data import PETBatch, batch, dataset
+
+    assert dataset.SAMPLE_KEYS is batch.SAMPLE_KEYS
+    assert SAMPLE_KEYS == tuple(f.name for f in dataclasses.fields(PETBatch))
+    ds = PETDataset(ds_dir, "train")
+    assert tuple(ds[1]) == SAMPLE_KEYS
+    s = PETBatch.from_mapping(ds[1])
+    assert s.index == 1 and s.num_modules == ds.num_modules and s.batch_size == 1
+    b = PETBatch.from_mapping(next(iter(DataLoader(ds, batch_size=2))))
+    assert b.batch_size == 2 and torch.equal(b.targets[1], ds[1]["targets"])
+
+
+def test_projectors_are_the_shared_ones(ds_dir):
+    """The simulation, the dataset's info and every split use the one projector of
+    fbsemlib.physics.cache for the same geometry (its system matrices are built once)."""
+    from fbsemlib.data.simulate import SimulationContext
+    from fbsemlib.physics.cache import shared_projector
+
+    info = open_dataset(ds_dir, checksums=False)
+    train, test = PETDataset(ds_dir, "train", checksums=False), PETDataset(ds_dir, "test", checksums=False)
+    P = info.make_projector()
+    assert P is train.make_projector() is test.make_projector() is info.make_projector("cpu", backend="torch")
+    assert P is shared_projector(info.geometry, info.grid, device="cpu", backend="torch", psf_fwhm_mm=info.psf_fwhm_mm)
+    assert SimulationContext(info.recipe).projector is P
 
 
 def test_lazy_equals_in_memory_and_device(ds_dir):

@@ -6,7 +6,7 @@ import torch
 
 from fbsemlib.evaluation.baselines import METHODS, BaselineConfig, beta_scale, reconstruct, sweep
 from fbsemlib.cli import main
-from fbsemlib.data.format import PETDataset
+from fbsemlib.data import PETDataset
 from fbsemlib.evaluation.evaluator import evaluate, lesion_metrics, white_matter_mask
 from fbsemlib.physics.forward_model import PETForwardModel
 from fbsemlib.recon.algorithms import osem

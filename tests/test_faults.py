@@ -330,7 +330,7 @@ def test_inf_gamma_stops_cli_training_and_keeps_the_last_good_checkpoint(smoke_d
 
 
 def test_inf_in_cached_inputs_stops_sequential_training(smoke_dataset, tmp_path, monkeypatch):
-    from fbsemlib.data.format import PETDataset
+    from fbsemlib.data import PETDataset
     from fbsemlib.training.trainers import SequentialTrainer, TrainingDiverged, parse_model_section
 
     saved = _checkpoint_spy(monkeypatch)

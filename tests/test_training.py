@@ -29,7 +29,7 @@ from fbsemlib.training.trainers import (
 
 
 class TinyDataset(torch.utils.data.Dataset):
-    """Items with exactly the keys of :class:`fbsemlib.data.format.PETDataset`."""
+    """Items with exactly the keys of :class:`fbsemlib.data.dataset.PETDataset`."""
 
     def __init__(self, items, num_iterations, num_subsets):
         self.items, self.num_iterations, self.num_subsets = items, num_iterations, num_subsets
@@ -484,7 +484,7 @@ def test_cli_train_on_the_smoke_dataset(smoke_dataset, tmp_path, capsys):
     # the trained model loads and reconstructs
     net, configs = load_trained(out)
     assert configs["mode"] == "end-to-end" and net.num_modules == 8
-    from fbsemlib.data.format import PETDataset
+    from fbsemlib.data import PETDataset
 
     ds = PETDataset(smoke_dataset, "test", checksums=False)
     b = torch.utils.data.default_collate([ds[0]])

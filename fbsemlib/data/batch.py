@@ -1,6 +1,6 @@
 """The sample contract of a dataset, in one place: :class:`PETBatch`.
 
-:class:`~fbsemlib.data.format.PETDataset` serves plain dicts with the keys of
+:class:`~fbsemlib.data.dataset.PETDataset` serves plain dicts with the keys of
 :data:`SAMPLE_KEYS` (so PyTorch's default collate batches them); every consumer turns a
 sample or a collated batch into a :class:`PETBatch` with :meth:`PETBatch.from_mapping`
 and reads typed fields instead of string keys.
@@ -78,5 +78,5 @@ class PETBatch:
         return int(self.targets.shape[-5])
 
 
-#: the keys of every sample served by :class:`~fbsemlib.data.format.PETDataset`
+#: the keys of every sample served by :class:`~fbsemlib.data.dataset.PETDataset`
 SAMPLE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PETBatch))

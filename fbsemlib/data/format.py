@@ -1,58 +1,21 @@
-"""Simulated PET datasets on disk: format, manifest, validation and a torch ``Dataset``.
+"""Dataset folders on disk (layout: :mod:`fbsemlib.data.schema`): the writer, the
+manifest, validation and :class:`DatasetInfo`.
 
-Layout of a dataset folder (written by :func:`fbsemlib.data.simulate.simulate_dataset`)::
-
-    DIR/
-      manifest.json          written last; lists every file with its SHA-256 and size,
-                             the split of every subject, the recipe and its hash, the
-                             geometry, the image grid, the unrolled schedule, versions
-      subject-0000.h5        one HDF5 file per subject (all its 2D slices / rotations
-      subject-0001.h5        and noise realisations)
-      ...
-
-A folder without a readable ``manifest.json`` is not a dataset (an interrupted
-``fbsem simulate`` leaves its work in ``DIR.tmp-<recipe hash>`` instead, and the next run
-with the same recipe resumes from there).
-
-One subject file (``N`` = images = slices x rotations, ``S`` = samples = ``N`` x noise
-realisations, ``K`` = unrolled modules = iterations x subsets, images ``(Z, Y, X)``,
-sinograms ``(P, V, R)`` = ``(planes, views, radial)``; all images float32 unless noted)::
-
-    /                       attrs: format, format_version, subject, split, subject_seed,
-                            recipe_hash, recipe (JSON), geometry (JSON), grid (JSON),
-                            num_iterations, num_subsets, num_images, num_samples,
-                            fbsemlib_version, library_versions (JSON), created
-    /images/activity        (N, Z, Y, X)   true activity (phantom units, e.g. GM ~ 96)
-    /images/mu_map          (N, Z, Y, X)   attenuation coefficients, 1/mm
-    /images/mr              (N, Z, Y, X)   synthetic T1 MR image
-    /images/brain_mask      (N, Z, Y, X)   uint8 (0/1)
-    /images/lesion_mask_pet (N, Z, Y, X)   uint8 labels: 0 = no lesion, i + 1 = lesion i of
-                                           lesion_info[n] (present in PET; kind, contrast there)
-    /images/lesion_mask_mr  (N, Z, Y, X)   uint8 labels, the same for the MR lesions
-    /images/targets         (N, K, Z, Y, X) iteration-dependent targets: OSEM sub-iterate
-                                           k = 1..K of the noise-free data ``ybar``
-    /images/target_final    (N, Z, Y, X)   high-count reference reconstruction
-    /images/{slice_index, rotation_deg, counts, trues, scale, seed}    (N,) metadata
-            attrs: lesion_info (JSON list, one entry per image)
-    /sinograms/multiplicative (N, P, V, R) ``m = t n a``: scale x normalisation x attenuation
-    /sinograms/attenuation  (N, P, V, R)   ``a = exp(-A mu)``
-    /sinograms/additive     (N, P, V, R)   ``b`` = randoms + scatter (expected counts)
-    /sinograms/ybar         (N, P, V, R)   noise-free expected data ``m A x + b``
-    /sinograms/normalisation (P, V, R)     ``n`` (efficiency products, 0 in block gaps)
-    /sinograms/crystal_efficiencies (rings, crystals)
-    /samples/y              (S, P, V, R)   Poisson data (integer-valued float32)
-    /samples/{image_index, realisation, seed, total_counts}   (S,) metadata
-
-:func:`validate_dataset` / :func:`open_dataset` check all of it (checksums, structure,
-shapes, versions, and optionally the expected geometry / grid / schedule) and raise
-:class:`DatasetError` (a ``ValueError``) saying what is wrong. :class:`PETDataset` serves
-samples to training code with a fixed set of keys (see its docstring).
+The writer (:func:`write_subject`, :func:`manifest_files`, :func:`write_manifest`) is what
+:func:`fbsemlib.data.simulate.simulate_dataset` writes through; every write goes to a
+``*.part`` file first and is renamed when complete. :func:`validate_dataset` /
+:func:`open_dataset` check a folder (checksums, structure, shapes, versions, and
+optionally the expected geometry / grid / schedule) and raise :class:`DatasetError` (a
+``ValueError``) saying what is wrong. :class:`fbsemlib.data.dataset.PETDataset` serves the
+samples of a validated folder.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -60,36 +23,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from fbsemlib.config import diff
+from fbsemlib.config import ConfigError, diff, from_dict
+from fbsemlib.data.recipe import DataConfig
+from fbsemlib.data.schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_ARRAYS,
+    IMAGE_META,
+    MANIFEST,
+    SAMPLE_META,
+    SINOGRAM_ARRAYS,
+    SPLITS,
+    SUBJECT_FILE,
+)
+from fbsemlib.physics.cache import shared_projector
+from fbsemlib.physics.geometry import ImageGrid, sinogram_geometry_from_dict
+from fbsemlib.provenance import json_default, versions
 
 __all__ = [
     "DatasetError",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
     "DatasetInfo",
     "open_dataset",
     "validate_dataset",
-    "PETDataset",
-    "SPLITS",
-    "SAMPLE_KEYS",
     "sha256_file",
+    "library_versions",
+    "dumps",
+    "utc_now",
+    "subject_attrs",
+    "write_subject",
+    "is_complete_subject_file",
+    "manifest_files",
+    "write_manifest",
 ]
-
-FORMAT_NAME = "fbsem-dataset"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SPLITS = ("train", "validation", "test")
-#: the keys of every sample served by :class:`PETDataset`
-SAMPLE_KEYS = ("y", "multiplicative", "additive", "mr", "targets", "target_final", "activity", "brain_mask", "index")
-
-# name -> (group, leading size symbol, trailing shape symbol, dtype kind)
-_IMAGE_ARRAYS = ("activity", "mu_map", "mr", "brain_mask", "lesion_mask_pet", "lesion_mask_mr", "target_final")
-_IMAGE_META = ("slice_index", "rotation_deg", "counts", "trues", "scale", "seed")
-_SINO_ARRAYS = ("multiplicative", "attenuation", "additive", "ybar")
-_SAMPLE_META = ("image_index", "realisation", "seed", "total_counts")
-
 
 class DatasetError(ValueError):
     """A dataset folder is missing, incomplete, corrupted or incompatible."""
@@ -130,11 +96,8 @@ class DatasetInfo:
         return self.manifest["recipe"]
 
     @cached_property
-    def recipe(self):
-        """The recipe as a :class:`fbsemlib.data.simulate.DataConfig`."""
-        from fbsemlib.config import ConfigError, from_dict
-        from fbsemlib.data.simulate import DataConfig
-
+    def recipe(self) -> DataConfig:
+        """The recipe as a :class:`~fbsemlib.data.recipe.DataConfig`."""
         try:
             return from_dict(DataConfig, self.manifest["recipe"], "data")
         except ConfigError as e:
@@ -147,14 +110,10 @@ class DatasetInfo:
 
     @cached_property
     def geometry(self):
-        from fbsemlib.physics.geometry import sinogram_geometry_from_dict
-
         return sinogram_geometry_from_dict(self.manifest["geometry"])
 
     @cached_property
-    def grid(self):
-        from fbsemlib.physics.geometry import ImageGrid
-
+    def grid(self) -> ImageGrid:
         return ImageGrid.from_dict(self.manifest["grid"])
 
     @property
@@ -187,13 +146,12 @@ class DatasetInfo:
         return out
 
     def make_projector(self, device="cpu", backend: str = "torch", **kwargs):
-        """The projector the data was simulated with (same geometry, grid and PSF). Its
-        ordered-subset projectors are built once and cached (``subset(m, M)`` returns the
-        same object on every call), so repeated OSEM / unrolled runs do not rebuild them."""
-        from fbsemlib.physics.projector import Projector
-
-        return Projector(self.geometry, self.grid, backend=backend, device=device, psf_fwhm_mm=self.psf_fwhm_mm,
-                         **kwargs)
+        """The projector the data was simulated with (same geometry, grid and PSF): the
+        process-wide one of :func:`fbsemlib.physics.cache.shared_projector`, so the
+        simulation, every split and every model of this geometry share one object and its
+        system matrices (and those of its ordered-subset projectors) are built once."""
+        return shared_projector(self.geometry, self.grid, device=device, backend=backend,
+                                psf_fwhm_mm=self.psf_fwhm_mm, **kwargs)
 
     def summary(self) -> dict:
         return dict(self.manifest.get("summary", {}))
@@ -250,8 +208,6 @@ def _check_subject_file(fpath: Path, entry: dict, manifest: dict) -> None:
     """Structure of one subject file against the manifest."""
     import h5py
 
-    from fbsemlib.physics.geometry import sinogram_geometry_from_dict, ImageGrid
-
     name = fpath.name
     geom = sinogram_geometry_from_dict(manifest["geometry"])
     grid = ImageGrid.from_dict(manifest["grid"])
@@ -282,16 +238,16 @@ def _check_subject_file(fpath: Path, entry: dict, manifest: dict) -> None:
                 raise DatasetError(f"{name}: {N} images / {S} samples, manifest says "
                                    f"{entry['num_images']} / {entry['num_samples']}")
             expect = {}
-            for k in _IMAGE_ARRAYS:
+            for k in IMAGE_ARRAYS:
                 expect[f"images/{k}"] = (N,) + img
             expect["images/targets"] = (N, K) + img
-            for k in _IMAGE_META:
+            for k in IMAGE_META:
                 expect[f"images/{k}"] = (N,)
-            for k in _SINO_ARRAYS:
+            for k in SINOGRAM_ARRAYS:
                 expect[f"sinograms/{k}"] = (N,) + sino
             expect["sinograms/normalisation"] = sino
             expect["samples/y"] = (S,) + sino
-            for k in _SAMPLE_META:
+            for k in SAMPLE_META:
                 expect[f"samples/{k}"] = (S,)
             for key, shape in expect.items():
                 if key not in f:
@@ -365,262 +321,134 @@ def open_dataset(path: str | os.PathLike, *, checksums: bool = True, **expected)
     return validate_dataset(path, checksums=checksums, **expected)
 
 
+
 # ----------------------------------------------------------------------------------------
-# torch Dataset
+# writing
 # ----------------------------------------------------------------------------------------
-class PETDataset(torch.utils.data.Dataset):
-    """Samples of one split of a simulated dataset.
+def library_versions() -> dict[str, str]:
+    """The versions recorded in every subject file and manifest (provenance)."""
+    return versions("scipy", "h5py", "hdf5", "nilearn")
 
-    ``dataset[i]`` is a dict with exactly the keys of :data:`SAMPLE_KEYS`:
 
-    ================  ===============================  =======================================
-    key               shape / dtype                    meaning
-    ================  ===============================  =======================================
-    ``y``             ``(1, P, V, R)`` float32         measured (Poisson) sinogram
-    ``multiplicative````(1, P, V, R)`` float32         ``m = n a`` (x acquisition scale)
-    ``additive``      ``(1, P, V, R)`` float32         ``b`` = randoms + scatter
-    ``mr``            ``(1, Z, Y, X)`` float32         MR image
-    ``targets``       ``(K, 1, Z, Y, X)`` float32      OSEM sub-iterates of the noise-free data
-    ``target_final``  ``(1, Z, Y, X)`` float32         high-count reference reconstruction
-    ``activity``      ``(1, Z, Y, X)`` float32         true phantom activity
-    ``brain_mask``    ``(1, Z, Y, X)`` bool            brain mask
-    ``index``         int                              sample index in this split
-    ================  ===============================  =======================================
+def dumps(o: Any) -> str:
+    """The JSON of an HDF5 attribute (sorted keys; numpy scalars and arrays as values)."""
+    return json.dumps(o, sort_keys=True, default=json_default)
 
-    so that PyTorch's default collate gives a batch with a leading ``B`` dimension. The
-    expected data of an image ``x`` is ``multiplicative * A x + additive`` with ``A`` =
-    :meth:`make_projector`. Samples are ordered by subject, then image (slice, rotation),
-    then noise realisation; :meth:`info` gives the metadata and :meth:`extra` the arrays
-    not in the contract (mu-map, lesion masks, noise-free data, ...).
 
-    ``load_into_memory=True`` reads the split into (``device``) tensors once; otherwise
-    arrays are read from the HDF5 files on each access (files are opened lazily per
-    process, so DataLoader workers work).
-    """
+def utc_now() -> str:
+    """The ``created`` time stamp of files and manifests (UTC, seconds)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
-    def __init__(self, path: str | os.PathLike, split: str = "train", device=None, load_into_memory: bool = True,
-                 checksums: bool = True, **expected):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.info_ = open_dataset(path, checksums=checksums, **expected)
-        self.path = Path(path)
-        self.split = split
-        self.device = None if device is None else torch.device(device)
-        self.load_into_memory = bool(load_into_memory)
-        self._files = self.info_.files(split)
-        if not self._files:
-            raise DatasetError(f"split {split!r} of dataset {str(self.path)!r} is empty (0 subjects; splits: "
-                               + ", ".join(f"{s}={len(self.info_.subjects(s))}" for s in SPLITS) + ")")
-        import h5py
 
-        # sample index -> (file number, image index within the file, sample row within the file)
-        index = []
-        self._meta: list[dict] = []
-        for fi, fp in enumerate(self._files):
-            with h5py.File(fp, "r") as f:
-                subject = int(f.attrs["subject"])
-                smp = {k: f[f"samples/{k}"][()] for k in _SAMPLE_META}
-                img = {k: f[f"images/{k}"][()] for k in _IMAGE_META}
-                for s in range(len(smp["image_index"])):
-                    i = int(smp["image_index"][s])
-                    index.append((fi, i, s))
-                    self._meta.append(dict(
-                        subject=subject, file=fp.name, image=i, realisation=int(smp["realisation"][s]),
-                        slice_index=int(img["slice_index"][i]), rotation_deg=float(img["rotation_deg"][i]),
-                        counts=float(img["counts"][i]), trues=float(img["trues"][i]), scale=float(img["scale"][i]),
-                        noise_seed=int(smp["seed"][s]), total_counts=float(smp["total_counts"][s]),
-                    ))
-        self._index = index
-        self._handles: dict = {}
-        self._pid = None
-        self._mem = None
-        if self.load_into_memory:
-            self._load()
+def subject_attrs(recipe: DataConfig, recipe_hash: str, geometry, grid: ImageGrid) -> dict:
+    """The root attributes that every subject file of a dataset shares."""
+    lib = library_versions()
+    return dict(
+        format=FORMAT_NAME, format_version=FORMAT_VERSION, recipe_hash=recipe_hash, recipe=dumps(recipe.to_dict()),
+        geometry=dumps(geometry.to_dict()), grid=dumps(grid.to_dict()),
+        num_iterations=recipe.num_iterations, num_subsets=recipe.num_subsets,
+        fbsemlib_version=lib["fbsemlib"], library_versions=dumps(lib),
+    )
 
-    # -- metadata ----------------------------------------------------------------------
-    @property
-    def geometry(self):
-        return self.info_.geometry
 
-    @property
-    def grid(self):
-        return self.info_.grid
+def _compression_options(compression: str) -> dict:
+    if compression == "none":
+        return {}
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    return {"compression": "lzf", "shuffle": True}
 
-    @property
-    def num_iterations(self) -> int:
-        return self.info_.num_iterations
 
-    @property
-    def num_subsets(self) -> int:
-        return self.info_.num_subsets
+def write_subject(path: Path, subject: dict, attrs: dict, *, compression: str, normalisation: np.ndarray,
+                  crystal_efficiencies: np.ndarray) -> None:
+    """Write one subject file (via ``path.part``, renamed when complete).
 
-    @property
-    def num_modules(self) -> int:
-        return self.info_.num_modules
+    ``subject`` is what :func:`fbsemlib.data.simulate.simulate_subject` returns (groups
+    ``images``, ``sinograms``, ``samples`` of numpy arrays plus ``subject``, ``split``,
+    ``phantom_seed``, ``lesion_info``, ``phantom_params``); ``attrs`` are the shared
+    :func:`subject_attrs`; ``normalisation`` and ``crystal_efficiencies`` (one scanner)
+    are stored in every file. Arrays of three or more dimensions are chunked one image
+    or sample at a time and compressed with ``compression`` (``gzip``, ``lzf``, ``none``)."""
+    import h5py
 
-    @property
-    def recipe(self):
-        return self.info_.recipe
+    kw = _compression_options(compression)
+    tmp = path.with_name(path.name + ".part")
+    with h5py.File(tmp, "w", track_order=True) as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        N = subject["images"]["activity"].shape[0]
+        S = subject["samples"]["y"].shape[0]
+        f.attrs.update(subject=int(subject["subject"]), split=subject["split"],
+                       subject_seed=int(subject["phantom_seed"]), num_images=N, num_samples=S, created=utc_now())
 
-    @property
-    def manifest(self) -> dict:
-        return self.info_.manifest
+        def put(group, name, arr):
+            arr = np.ascontiguousarray(arr)
+            if arr.ndim >= 3:
+                group.create_dataset(name, data=arr, chunks=(1,) + arr.shape[1:], **kw)
+            else:
+                group.create_dataset(name, data=arr)
 
-    @property
-    def subjects(self) -> list[int]:
-        return self.info_.subjects(self.split)
+        g = f.create_group("images")
+        for k, v in subject["images"].items():
+            put(g, k, v)
+        g.attrs["lesion_info"] = dumps(subject["lesion_info"])
+        g.attrs["phantom_params"] = dumps(subject["phantom_params"])
+        g = f.create_group("sinograms")
+        for k, v in subject["sinograms"].items():
+            put(g, k, v)
+        g.create_dataset("normalisation", data=np.asarray(normalisation, np.float32))
+        g.create_dataset("crystal_efficiencies", data=np.asarray(crystal_efficiencies, np.float64))
+        g = f.create_group("samples")
+        for k, v in subject["samples"].items():
+            put(g, k, v)
+        f.attrs["complete"] = 1
+    os.replace(tmp, path)
 
-    def make_projector(self, device=None, backend: str = "torch", **kwargs):
-        """The projector of the simulation (geometry, grid and PSF of the recipe)."""
-        dev = device if device is not None else (self.device or "cpu")
-        return self.info_.make_projector(dev, backend=backend, **kwargs)
 
-    def info(self, i: int) -> dict:
-        """Metadata of sample ``i``: subject, image, realisation, slice, rotation, counts, seeds."""
-        return dict(self._meta[self._check_index(i)])
+def is_complete_subject_file(path: Path, recipe_hash: str) -> bool:
+    """A finished subject file of the recipe ``recipe_hash`` (an interrupted run resumes from it)."""
+    import h5py
 
-    def __len__(self) -> int:
-        return len(self._index)
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("recipe_hash") == recipe_hash and int(f.attrs.get("complete", 0)) == 1 \
+                and "samples/y" in f
+    except Exception:
+        return False
 
-    def __repr__(self) -> str:
-        return (f"PETDataset({str(self.path)!r}, split={self.split!r}, samples={len(self)}, "
-                f"subjects={len(self._files)}, K={self.num_modules}, image={self.grid.shape}, "
-                f"sinogram={self.geometry.shape})")
 
-    # -- loading -----------------------------------------------------------------------
-    def _check_index(self, i) -> int:
-        if isinstance(i, torch.Tensor):
-            i = int(i)
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index must be an integer, got {type(i).__name__}")
-        n = len(self._index)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} samples")
-        return int(i) % n
+def manifest_files(folder: Path, split_of: dict[int, str]) -> tuple[dict, dict]:
+    """The manifest's ``files`` (name -> SHA-256, size, subject, split, images, samples) of
+    the subject files of ``split_of`` (subject -> split) in ``folder``, in subject order,
+    and their summary: subjects / images / samples per split and in all, the range of
+    the images' expected counts, the bytes on disk."""
+    import h5py
 
-    def _file(self, fi: int):
-        import h5py
+    files = {}
+    cmin, cmax, n_img, n_smp = math.inf, -math.inf, 0, 0
+    per_split = {s: {"subjects": 0, "images": 0, "samples": 0} for s in SPLITS}
+    for i in sorted(split_of):
+        fp = folder / SUBJECT_FILE.format(i)
+        with h5py.File(fp, "r") as f:
+            N, S = int(f.attrs["num_images"]), int(f.attrs["num_samples"])
+            c = f["images/counts"][()]
+        cmin, cmax = min(cmin, float(c.min())), max(cmax, float(c.max()))
+        n_img += N
+        n_smp += S
+        s = split_of[i]
+        per_split[s]["subjects"] += 1
+        per_split[s]["images"] += N
+        per_split[s]["samples"] += S
+        files[fp.name] = dict(sha256=sha256_file(fp), size=fp.stat().st_size, subject=i, split=s,
+                              num_images=N, num_samples=S)
+    summary = dict(splits=per_split, images=n_img, samples=n_smp, counts_min=cmin, counts_max=cmax,
+                   disk_bytes=sum(v["size"] for v in files.values()))
+    return files, summary
 
-        if self._pid != os.getpid():
-            self._handles = {}
-            self._pid = os.getpid()
-        h = self._handles.get(fi)
-        if h is None:
-            h = self._handles[fi] = h5py.File(self._files[fi], "r")
-        return h
 
-    def _load(self) -> None:
-        import h5py
-
-        img_keys = ("mr", "targets", "target_final", "activity", "brain_mask")
-        sino_keys = ("multiplicative", "additive")
-        parts = {k: [] for k in img_keys + sino_keys + ("y",)}
-        img_offset, smp_offset = [], []
-        off = soff = 0
-        for fi, fp in enumerate(self._files):
-            with h5py.File(fp, "r") as f:
-                for k in img_keys:
-                    parts[k].append(f[f"images/{k}"][()])
-                for k in sino_keys:
-                    parts[k].append(f[f"sinograms/{k}"][()])
-                parts["y"].append(f["samples/y"][()])
-                img_offset.append(off)
-                smp_offset.append(soff)
-                off += int(f.attrs["num_images"])
-                soff += int(f.attrs["num_samples"])
-        mem = {}
-        for k, v in parts.items():
-            arr = np.concatenate(v, axis=0)
-            t = torch.from_numpy(arr.astype(bool) if k == "brain_mask" else arr.astype(np.float32, copy=False))
-            mem[k] = t.to(self.device) if self.device is not None else t
-        # rows of every sample in the concatenated image / sample arrays
-        irow = [img_offset[fi] + i for fi, i, _ in self._index]
-        srow = [smp_offset[fi] + s for fi, _, s in self._index]
-        self._mem = mem
-        self._irow, self._srow = irow, srow
-
-    def _arrays(self, idx: int) -> dict:
-        if self._mem is not None:
-            m, ir, sr = self._mem, self._irow[idx], self._srow[idx]
-            return dict(
-                y=m["y"][sr], multiplicative=m["multiplicative"][ir], additive=m["additive"][ir],
-                mr=m["mr"][ir], targets=m["targets"][ir], target_final=m["target_final"][ir],
-                activity=m["activity"][ir], brain_mask=m["brain_mask"][ir],
-            )
-        fi, i, s = self._index[idx]
-        f = self._file(fi)
-        out = dict(
-            y=f["samples/y"][s], multiplicative=f["sinograms/multiplicative"][i],
-            additive=f["sinograms/additive"][i], mr=f["images/mr"][i], targets=f["images/targets"][i],
-            target_final=f["images/target_final"][i], activity=f["images/activity"][i],
-            brain_mask=f["images/brain_mask"][i],
-        )
-        res = {}
-        for k, v in out.items():
-            t = torch.from_numpy(np.asarray(v).astype(bool) if k == "brain_mask" else np.asarray(v, dtype=np.float32))
-            res[k] = t.to(self.device) if self.device is not None else t
-        return res
-
-    def __getitem__(self, i) -> dict:
-        idx = self._check_index(i)
-        a = self._arrays(idx)
-        K = a["targets"].shape[0]
-        return {
-            "y": a["y"].unsqueeze(0),
-            "multiplicative": a["multiplicative"].unsqueeze(0),
-            "additive": a["additive"].unsqueeze(0),
-            "mr": a["mr"].unsqueeze(0),
-            "targets": a["targets"].reshape((K, 1) + tuple(a["targets"].shape[1:])),
-            "target_final": a["target_final"].unsqueeze(0),
-            "activity": a["activity"].unsqueeze(0),
-            "brain_mask": a["brain_mask"].unsqueeze(0),
-            "index": idx,
-        }
-
-    def extra(self, i: int, keys=None) -> dict:
-        """Arrays of sample ``i`` outside the training contract, as tensors ``(1, ...)``:
-        ``mu_map``, ``lesion_mask_pet``, ``lesion_mask_mr`` (uint8 labels: ``i + 1`` =
-        lesion ``i`` of :meth:`lesion_info`),
-        ``attenuation``, ``ybar`` (noise-free data), ``normalisation``."""
-        idx = self._check_index(i)
-        fi, im, _ = self._index[idx]
-        keys = keys or ("mu_map", "lesion_mask_pet", "lesion_mask_mr", "attenuation", "ybar", "normalisation")
-        where = {"mu_map": "images", "lesion_mask_pet": "images", "lesion_mask_mr": "images",
-                 "attenuation": "sinograms", "ybar": "sinograms", "normalisation": "sinograms"}
-        f = self._file(fi)
-        out = {}
-        for k in keys:
-            if k not in where:
-                raise KeyError(f"unknown extra key {k!r}; choose from {sorted(where)}")
-            ds = f[f"{where[k]}/{k}"]
-            arr = ds[()] if k == "normalisation" else ds[im]
-            t = torch.from_numpy(np.asarray(arr)).unsqueeze(0)
-            out[k] = t.to(self.device) if self.device is not None else t
-        return out
-
-    def lesion_info(self, i: int) -> Any:
-        idx = self._check_index(i)
-        fi, im, _ = self._index[idx]
-        raw = self._file(fi)["images"].attrs.get("lesion_info", "[]")
-        info = json.loads(raw)
-        return info[im] if im < len(info) else None
-
-    def close(self) -> None:
-        for h in self._handles.values():
-            try:
-                h.close()
-            except Exception:
-                pass
-        self._handles = {}
-
-    def __getstate__(self):
-        st = dict(self.__dict__)
-        st["_handles"] = {}
-        st["_pid"] = None
-        return st
-
-    def __del__(self):  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``folder/manifest.json`` (via a ``.part`` file): what makes a folder a dataset,
+    so it is written last, once every subject file is complete."""
+    part = folder / (MANIFEST + ".part")
+    part.write_text(json.dumps(manifest, indent=1, default=json_default) + "\n")
+    os.replace(part, folder / MANIFEST)

@@ -137,7 +137,7 @@ def sweep(
     progress: bool = False,
 ) -> SweepResult:
     """NRMSE (against ``activity`` in ``brain_mask``) of every method and strength on
-    ``dataset`` (a :class:`~fbsemlib.data.format.PETDataset` split)."""
+    ``dataset`` (a :class:`~fbsemlib.data.dataset.PETDataset` split)."""
     cfg = config or BaselineConfig()
     if len(dataset) == 0:
         raise ValueError("the dataset split is empty")

@@ -1650,7 +1650,7 @@ def load_trained(out_dir: str | os.PathLike, device=None, allow_partial: bool = 
 # CLI
 # ----------------------------------------------------------------------------------------
 def _open_datasets(data_dir: Path):
-    from fbsemlib.data.format import DatasetError, PETDataset, open_dataset
+    from fbsemlib.data import DatasetError, PETDataset, open_dataset
 
     try:
         info = open_dataset(data_dir)
@@ -1667,7 +1667,7 @@ def _dataset_for(sections: dict, config_path: str, progress: bool) -> Path:
     if "data" not in sections:
         raise ConfigError(f"{config_path!r} has no 'data' section: give --data DIR or add a data recipe")
     try:
-        from fbsemlib.data.simulate import DataConfig, cached_dataset
+        from fbsemlib.data import DataConfig, cached_dataset
     except ImportError as e:  # pragma: no cover
         raise UserError(f"cannot simulate the data (fbsemlib.data.simulate unavailable: {e}); give --data DIR") from None
     recipe = from_dict(DataConfig, sections["data"], "data")

@@ -13,7 +13,7 @@ import torch
 from fbsembook import analysis as an
 from fbsembook import claims as C
 from fbsembook import runviews as RV
-from fbsemlib.data.format import PETDataset
+from fbsemlib.data import PETDataset
 from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
 
 

@@ -31,7 +31,7 @@ def test_orthogonal_slices_shapes_and_extents():
 
 
 def test_module_trace_of_a_trained_model(smoke_dataset, smoke_model):
-    from fbsemlib.data.format import PETDataset
+    from fbsemlib.data import PETDataset
     from fbsemlib.training.trainers import load_trained
 
     ds = PETDataset(smoke_dataset, "test")
@@ -74,7 +74,7 @@ def test_run_summary():
 
 def test_module_outputs_of_one_item_match_forward_and_keep_the_mode(smoke_dataset):
     from fbsembook.analysis import as_batch
-    from fbsemlib.data.format import PETDataset
+    from fbsemlib.data import PETDataset
     from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
 
     ds = PETDataset(smoke_dataset, "test")
