@@ -1,7 +1,28 @@
-"""fbsembook: the machinery of the fbsemlib book (the ``book`` extra).
-
-Profiles and named experiments (:mod:`~fbsembook.experiments`), views of trained runs
-(:mod:`~fbsembook.runviews`), analyses and claims of the chapters, benchmarks and the
-build (execute the MyST notebooks with papermill, then Jupyter Book). It imports
+"""fbsembook: the machinery of the fbsemlib book (the ``book`` extra). It imports
 :mod:`fbsemlib`; the library never imports it.
+
+===================  ==================================================================
+``profiles``         the profiles (smoke | cpu | paper), chapter parameters, the cache
+``chapters``         the chapters of ``_toc.yml``, their parameters cells
+``execute``          running the chapters with papermill
+``publish``          the HTML with Jupyter Book, nbval references
+``build``            ``fbsem book {build,execute,run,html}``
+``experiments``      cached datasets, trained runs and evaluations; named runs
+``requests``         the cached results that several chapters ask for, in one place
+``analysis``         inspecting trained nets, several runs, out-of-distribution data
+``runviews``         batches of samples, module outputs, run facts
+``report``           plots and tables
+``memory``           peak training memory against K (cached sweeps)
+``verdicts``         verdict functions and the book's thresholds
+``claims``           the papers' claims as data and their assessment
+``bench``            ``fbsem bench ...``; ``bench_results`` reads its results
+``cli``              the ``book`` and ``bench`` commands (entry points of ``fbsem``)
+===================  ==================================================================
+
+The chapters take their parameters with ``from fbsembook import pick_device,
+profile_params``.
 """
+
+from fbsembook.profiles import BookParams, PROFILES, book_root, cache_dir, pick_device, profile_params, resolve_profile
+
+__all__ = ["BookParams", "PROFILES", "book_root", "cache_dir", "pick_device", "profile_params", "resolve_profile"]

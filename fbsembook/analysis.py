@@ -10,21 +10,20 @@ Used by the chapters "The original FBSEM-Net", "Iteration-dependent targets" and
 * Reconstructions of one sample by nets and baselines: :func:`reconstruct_sample`,
   :func:`osem_iterates`.
 * Several training runs (seeds): :func:`run_means`, :func:`per_sample`,
-  :func:`seed_spread` (whose rows feed :func:`fbsembook.claims.verdict_consistency`),
-  :func:`image_spread`,
-  :func:`paired_comparison`, :func:`comparison_verdict`.
+  :func:`seed_spread` (whose rows feed :func:`fbsembook.verdicts.verdict_consistency`),
+  :func:`image_spread`, :func:`paired_comparison`, :func:`comparison_verdict`.
 * Data outside the training distribution: :func:`variant_sections` builds the recipe of
   a second dataset of the SAME geometry and unrolled schedule (other counts, other
   lesions, other subjects), so that :func:`fbsembook.experiments.evaluate` can run a
   trained model on its test split; :func:`ood_sections` gives the three test sets of the
-  book (low counts, high counts, new lesions); :func:`evaluate_fixed_strengths` evaluates the
-  baselines there with strengths chosen on the TRAINING distribution (no new sweep);
-  :func:`generalisation_table` and :func:`generalisation_verdict` compare training
-  settings across such test sets.
+  book (low counts, high counts, new lesions; requested through
+  :func:`fbsembook.requests.ood_test_sets`); :func:`generalisation_table` and
+  :func:`generalisation_verdict` compare training settings across such test sets.
 
-Conventions: images are ``(Z, Y, X)`` tensors on the CPU; NRMSE is in per cent inside the
-brain mask (as in :mod:`fbsemlib.evaluation.evaluator`); an *evaluation* is the dict returned by
-:func:`fbsembook.experiments.evaluate` (``rows`` with one entry per method and test sample).
+Conventions: images are ``(Z, Y, X)`` tensors on the CPU; NRMSE is
+:func:`fbsemlib.evaluation.metrics.nrmse`, in per cent inside the brain mask; an
+*evaluation* is the dict returned by :func:`fbsembook.experiments.evaluate` (``rows`` with
+one entry per method and test sample).
 """
 
 from __future__ import annotations
@@ -35,7 +34,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fbsemlib.data import PETBatch
 from fbsemlib.evaluation import metrics
+from fbsembook.runviews import collate, module_outputs
 
 __all__ = [
     "as_batch",
@@ -53,7 +54,6 @@ __all__ = [
     "comparison_verdict",
     "generalisation_table",
     "generalisation_verdict",
-    "evaluate_fixed_strengths",
     "variant_sections",
     "ood_sections",
     "GEOMETRY_KEYS",
@@ -68,9 +68,9 @@ GEOMETRY_KEYS = ("scanner", "num_rings", "max_ring_difference", "image_shape", "
 # ----------------------------------------------------------------------------------------
 # one trained network
 # ----------------------------------------------------------------------------------------
-def as_batch(item: Mapping[str, Any]) -> dict:
-    """A dataset item with a leading batch dimension on every tensor."""
-    return {k: (v[None] if torch.is_tensor(v) else v) for k, v in item.items()}
+def as_batch(item: Mapping[str, Any]) -> PETBatch:
+    """One dataset item as a batch of one (a leading batch dimension on every tensor)."""
+    return collate([item])
 
 
 def network_table(net) -> list[dict]:
@@ -111,37 +111,34 @@ def strengths(net) -> np.ndarray:
     return np.array([float(net.gamma(k)) for k in range(net.num_modules)])
 
 
-def _nrmse(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(metrics.nrmse(x[None], ref[None], mask[None]))
-
-
 def trajectory_errors(outputs: torch.Tensor | Sequence[torch.Tensor], item: Mapping[str, Any]) -> dict:
     """NRMSE (%, in the brain) of each image ``outputs[k]`` (``(Z, Y, X)``, k = 0..K-1; e.g.
     ``runviews.module_outputs(net, as_batch(item))[:, 0, 0]``) to
     ``target`` (the iteration-dependent target ``t_k``, the noise-free OSEM iterate
     ``k + 1``), ``reference`` (the high-count reference) and ``truth`` (the phantom);
     arrays of length K."""
-    mask = item["brain_mask"][0].bool()
-    tk = item["targets"][:, 0]
-    ref, truth = item["target_final"][0], item["activity"][0]
+    b = PETBatch.from_mapping(item)
+    mask = b.brain_mask[0].bool()
+    tk = b.targets[:, 0]
+    ref, truth = b.target_final[0], b.activity[0]
     out = {"target": [], "reference": [], "truth": []}
     for k, x in enumerate(outputs):
         x = x.cpu()
-        out["target"].append(_nrmse(x, tk[k], mask) if k < tk.shape[0] else float("nan"))
-        out["reference"].append(_nrmse(x, ref, mask))
-        out["truth"].append(_nrmse(x, truth, mask))
+        out["target"].append(metrics.nrmse(x, tk[k], mask) if k < tk.shape[0] else float("nan"))
+        out["reference"].append(metrics.nrmse(x, ref, mask))
+        out["truth"].append(metrics.nrmse(x, truth, mask))
     return {k: np.array(v) for k, v in out.items()}
 
 
 def osem_iterates(item: Mapping[str, Any], projector, num_iterations: int, num_subsets: int) -> torch.Tensor:
     """The OSEM sub-iterates ``1..K`` of one item's noisy data, ``(K, Z, Y, X)`` on the CPU."""
-    from fbsemlib.physics.forward_model import PETForwardModel
-    from fbsemlib.recon.algorithms import osem
+    from fbsemlib.physics import PETForwardModel
+    from fbsemlib.recon import osem
 
     b = as_batch(item)
     dev = projector.device
-    model = PETForwardModel(projector, b["multiplicative"].to(dev), b["additive"].to(dev))
-    _, its = osem(model, b["y"].to(dev), num_iterations, num_subsets, return_iterates=True)
+    model = PETForwardModel(projector, b.multiplicative.to(dev), b.additive.to(dev))
+    _, its = osem(model, b.y.to(dev), num_iterations, num_subsets, return_iterates=True)
     return torch.stack([x[0, 0] for x in its]).cpu()
 
 
@@ -153,10 +150,9 @@ def reconstruct_sample(item: Mapping[str, Any], projector, num_iterations: int, 
     baselines (``method -> strength``, e.g. the validation-best strengths of an
     evaluation's ``sweep["best"]``), then the trained ``nets`` (``label -> FBSEMNet``)."""
     from fbsemlib.evaluation.baselines import reconstruct
-    from fbsembook.runviews import module_outputs
 
     b = as_batch(item)
-    out = {"truth": item["activity"][0].cpu()}
+    out = {"truth": b.activity[0, 0].cpu()}
     for method, strength in (baselines or {}).items():
         x = reconstruct(method, strength, b, projector, num_iterations, num_subsets, bowsher_neighbours)
         out[method] = x[0, 0].cpu()
@@ -335,49 +331,6 @@ def generalisation_verdict(rows: Sequence[Mapping], candidate: str, baseline: st
     out["n_sets"] = len(sets)
     out["text"] = "\n".join(lines)
     return out
-
-
-def evaluate_fixed_strengths(data_dir, strengths_: Mapping[str, float | None],
-                             methods: Sequence[str] = ("osem", "mapem_bowsher"), device=None,
-                             config=None, progress: bool = False) -> dict:
-    """Cached evaluation of baselines on the test split of ``data_dir`` with GIVEN strengths
-    (``method -> strength``, e.g. ``evaluation["sweep"]["best"]`` of the training
-    distribution), without a validation sweep on ``data_dir``: the baselines, like the
-    trained networks, are tuned on the training distribution and applied unchanged.
-    Same result format as :func:`fbsembook.experiments.evaluate`; cached under
-    ``<cache>/evaluations`` by the dataset, strengths, methods and baseline config."""
-    import json
-    import os
-    import time
-    from pathlib import Path
-
-    from fbsemlib.evaluation.baselines import BaselineConfig, SweepResult
-    from fbsembook.build import cache_dir
-    from fbsemlib.data.format import open_dataset
-    from fbsemlib.evaluation.evaluator import evaluate as _evaluate
-    from fbsembook.experiments import config_hash
-
-    methods = tuple(methods)
-    if "fbsem" in methods:
-        raise ValueError("evaluate_fixed_strengths evaluates baselines only; use experiments.evaluate for a run")
-    missing = [m for m in methods if m != "osem" and strengths_.get(m) is None]
-    if missing:
-        raise ValueError(f"no strength given for {missing}")
-    cfg = config or BaselineConfig()
-    best = {m: (None if m == "osem" else float(strengths_[m])) for m in methods}
-    info = open_dataset(data_dir, checksums=False)
-    h = config_hash({"data": info.recipe_hash, "best": best, "methods": methods, "baselines": cfg.to_dict()})
-    path = Path(cache_dir("evaluations")) / f"evaluation-fixed-{h}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    t = time.time()
-    res = _evaluate(None, data_dir, device=device, baseline_config=cfg, methods=methods, progress=progress,
-                    sweep_result=SweepResult("given", {}, best))
-    res["time_s"] = time.time() - t
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, default=float))
-    os.replace(tmp, path)
-    return res
 
 
 def variant_sections(profile: str, suffix: str, data_overrides: Mapping[str, Any] | None = None,

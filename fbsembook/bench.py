@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from fbsemlib import __version__
-from fbsemlib.physics.geometry import ImageGrid, ParallelBeamGeometry, sinogram_preset
-from fbsemlib.physics.projector import Projector, parallelproj_available
+from fbsemlib.physics import ImageGrid, ParallelBeamGeometry, Projector, parallelproj_available, sinogram_preset
+from fbsembook.verdicts import (FLAT_FROM_K, FLAT_TOLERANCE, MEMORY_CLAIM, PROJECTOR_SPEEDUP_BATCH1,
+                                PROJECTOR_SPEEDUP_BATCHN, TIME_RATIO_TARGET)
 
 __all__ = ["machine_info", "time_callable", "bench_projector", "write_results", "cmd_bench", "RESULTS_DIR"]
 
@@ -277,8 +278,8 @@ def run_projector(quick: bool, out: str | None, device: str | None) -> Path:
     if ast:
         b1, bN = min(ast), max(ast)
         targets = {"speedup_vs_astra_batch1": ast[b1], "speedup_vs_astra_batchN": ast[bN],
-                   "target_batch1": 3.0, "target_batch16": 20.0,
-                   "met_batch1": ast[b1] >= 3.0, "met_batch16": ast[bN] >= 20.0}
+                   "target_batch1": PROJECTOR_SPEEDUP_BATCH1, "target_batch16": PROJECTOR_SPEEDUP_BATCHN,
+                   "met_batch1": ast[b1] >= PROJECTOR_SPEEDUP_BATCH1, "met_batch16": ast[bN] >= PROJECTOR_SPEEDUP_BATCHN}
         print(json.dumps(targets))
     return write_results("projector" + ("_quick" if quick else ""), rows, out, {"targets": targets})
 
@@ -293,8 +294,8 @@ def bench_memory(quick: bool = False, device: str | None = None) -> list[dict]:
     """Peak memory of one training step for K unrolled modules, three modes: 2D (the
     ``cpu`` profile's problem) and a small 3D volume on CPU; the paper-sized 3D volume on
     CUDA when a GPU is present."""
-    from fbsembook.experiments import profile_path
     from fbsemlib.training.memory import measure_training_memory, memory_problem
+    from fbsembook.experiments import profile_path
 
     Ks = (1, 2, 5) if quick else MEMORY_KS
     cases = []
@@ -343,8 +344,9 @@ def bench_memory(quick: bool = False, device: str | None = None) -> list[dict]:
 
 
 def memory_targets(rows: list[dict]) -> dict:
-    """Sequential flat in K (within 10 % from K = 5 to the largest K) and >= 98 % below
-    end-to-end at the largest K, per case."""
+    """Sequential flat in K (within :data:`~fbsembook.verdicts.FLAT_TOLERANCE`, 10 %, from
+    K = 5 to the largest K) and at least :data:`~fbsembook.verdicts.MEMORY_CLAIM` (98 %)
+    below end-to-end at the largest K, per case."""
     out = {}
     for name in dict.fromkeys(r["case"] for r in rows):
         seq = {r["modules"]: r["peak_bytes"] for r in rows
@@ -354,14 +356,14 @@ def memory_targets(rows: list[dict]) -> dict:
         if not seq:
             continue
         kmax = max(seq)
-        k5 = 5 if 5 in seq else min(seq)
+        k5 = FLAT_FROM_K if FLAT_FROM_K in seq else min(seq)
         flat = abs(seq[kmax] - seq[k5]) / seq[k5]
         # end-to-end out of memory at large K: compare at the largest K it fitted
         ke = max(k for k in e2e if k in seq) if e2e else None
         red = (1 - seq[ke] / e2e[ke]) if ke else None
-        out[name] = {"K_max": kmax, "sequential_change_from_K5": flat, "flat_within_10pct": flat <= 0.10,
+        out[name] = {"K_max": kmax, "sequential_change_from_K5": flat, "flat_within_10pct": flat <= FLAT_TOLERANCE,
                      "reduction_at_K": ke, "reduction_at_K_max": red if ke == kmax else None,
-                     "reduction": red, "at_least_98pct": (red >= 0.98) if red is not None else None,
+                     "reduction": red, "at_least_98pct": (red >= MEMORY_CLAIM) if red is not None else None,
                      "end_to_end_out_of_memory_from_K": min((r["modules"] for r in rows if r["case"] == name
                                                              and r["mode"] == "end-to-end" and r.get("out_of_memory")),
                                                             default=None)}
@@ -389,11 +391,11 @@ def bench_training(quick: bool = False, device: str | None = None, repeats: int 
     checkpoint), so the ratio falls as the epochs per module grow."""
     import tempfile
 
-    from fbsembook import experiments as ex
-    from fbsemlib.data import PETDataset
-    from fbsemlib.models.fbsem import FBSEMNet
-    from fbsemlib.training.trainers import TrainConfig, make_trainer, parse_model_section
     from fbsemlib.config import from_dict
+    from fbsemlib.data import PETBatch, PETDataset
+    from fbsemlib.models import FBSEMNet
+    from fbsemlib.training import TrainConfig, make_trainer, parse_model_section
+    from fbsembook import experiments as ex
 
     profile = "smoke" if quick else "cpu"
     epochs = 1 if quick else int(ex.load_profile(profile)["train"]["epochs_per_module"])
@@ -404,11 +406,10 @@ def bench_training(quick: bool = False, device: str | None = None, repeats: int 
     dev = torch.device(device or "cpu")
     P = train_ds.make_projector(dev)
     # warm-up: build the subset system matrices once, outside the timings
-    item = train_ds[0]
+    item = PETBatch.from_mapping(train_ds[0])
     with torch.no_grad():
         FBSEMNet(P, train_ds.num_iterations, train_ds.num_subsets, parse_model_section(sections.get("model"))[0]).eval()(
-            item["y"][None].to(dev), item["multiplicative"][None].to(dev), item["additive"][None].to(dev),
-            item["mr"][None].to(dev))
+            item.y[None].to(dev), item.multiplicative[None].to(dev), item.additive[None].to(dev), item.mr[None].to(dev))
     rows = []
     for mode in ("end-to-end", "sequential"):
         ts = []
@@ -436,7 +437,7 @@ def run_training(quick: bool, out: str | None, device: str | None) -> Path:
     rows = bench_training(quick=quick, device=device)
     print_table(rows, ["profile", "mode", "modules", "samples", "epochs_per_module", "time_s", "ratio_to_end_to_end"])
     ratio = rows[1]["ratio_to_end_to_end"]
-    targets = {"sequential_over_end_to_end": ratio, "target": 1.2, "met": ratio <= 1.2}
+    targets = {"sequential_over_end_to_end": ratio, "target": TIME_RATIO_TARGET, "met": ratio <= TIME_RATIO_TARGET}
     print(json.dumps(targets))
     return write_results("training" + ("_quick" if quick else ""), rows, out, {"targets": targets})
 
@@ -449,10 +450,10 @@ def bench_simulation(quick: bool = False, device: str | None = None) -> list[dic
     the ``paper`` recipe (extrapolated to all subjects; the full run takes long on a CPU)."""
     import tempfile
 
-    from fbsembook import experiments as ex
     from fbsemlib.config import from_dict
     from fbsemlib.data import DataConfig
     from fbsemlib.data.simulate import SimulationContext, simulate_dataset, simulate_subject, split_subjects
+    from fbsembook import experiments as ex
 
     rows = []
     for profile in (("smoke",) if quick else ("smoke", "cpu")):

@@ -1,6 +1,6 @@
 """Experiments as cached, reusable results (what the book's chapters call).
 
-Everything expensive is cached under :func:`fbsembook.build.cache_dir` by a hash of
+Everything expensive is cached under :func:`fbsembook.profiles.cache_dir` by a hash of
 exactly the configuration it depends on:
 
 * :func:`dataset`   -- a simulated dataset (``data:`` recipe) in ``data/generated`` or
@@ -38,7 +38,8 @@ from fbsemlib.evaluation.baselines import sweep as _sweep
 from fbsemlib.config import from_dict, load_experiment
 
 __all__ = ["load_profile", "profile_path", "dataset", "train", "evaluate", "baseline_sweep", "config_hash",
-           "named_run", "NAMED_RUNS", "baseline_config",
+           "named_run", "NAMED_RUNS", "baseline_config", "method_mean", "method_std", "evaluate_fixed_strengths",
+           "write_json",
            "Run", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +75,18 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename), so that
+    an interrupted build never leaves a truncated cache entry."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, default=float))
+    os.replace(tmp, path)
+
+
 def _cache_root() -> Path:
-    from fbsembook.build import cache_dir
+    from fbsembook.profiles import cache_dir
 
     return Path(cache_dir())
 
@@ -99,9 +110,7 @@ def _locked(name: str):
 
 def dataset(sections: dict, progress: bool = False) -> Path:
     """The dataset of the ``data:`` recipe (simulated once, then reused)."""
-    from fbsemlib.data import DataConfig, cached_dataset
-
-    from fbsemlib.data import recipe_hash
+    from fbsemlib.data import DataConfig, cached_dataset, recipe_hash
 
     recipe = from_dict(DataConfig, sections["data"], "data")
     with _locked(f"data-{recipe_hash(recipe)[:16]}"):
@@ -118,10 +127,10 @@ class Run:
     metrics: dict
 
     def load(self, device=None):
-        """``(net, configs)`` of :func:`fbsemlib.training.trainers.load_trained`: runs of the same
+        """``(net, configs)`` of :func:`fbsemlib.training.load_trained`: runs of the same
         geometry on the same device share one projector (and its subset system matrices),
         however often they are loaded."""
-        from fbsemlib.training.trainers import load_trained
+        from fbsemlib.training import load_trained
 
         return load_trained(self.path, device=device)
 
@@ -150,7 +159,7 @@ def train(sections: dict, mode: str | None = None, seed: int | None = None, prog
           device: str | None = None, data_dir: Path | None = None, name: str | None = None) -> Run:
     """Train (or reuse) FBSEM-Net for ``sections`` (``model:``, ``train:``, ``data:``)."""
     from fbsemlib.data import DataConfig, recipe_hash
-    from fbsemlib.training.trainers import MODEL_NAME, OPERATIONAL_FIELDS, TrainConfig, parse_model_section
+    from fbsemlib.training import MODEL_NAME, OPERATIONAL_FIELDS, TrainConfig, parse_model_section
 
     model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
     train_cfg = from_dict(TrainConfig, sections.get("train", {}), "train")
@@ -175,8 +184,8 @@ def train(sections: dict, mode: str | None = None, seed: int | None = None, prog
 def _train_into(out, key, data_dir, model_cfg, train_cfg, n_it, n_sub, mode, device, progress) -> None:
     """Train one run into ``out`` (resuming a checkpoint left by an interrupted build)."""
     from fbsemlib.data import PETDataset
-    from fbsemlib.models.fbsem import FBSEMNet
-    from fbsemlib.training.trainers import make_trainer
+    from fbsemlib.models import FBSEMNet
+    from fbsemlib.training import make_trainer
 
     train_ds = PETDataset(data_dir, "train")
     try:
@@ -226,10 +235,24 @@ def baseline_sweep(data_dir: Path, config: BaselineConfig | None = None, split: 
         return SweepResult(d["split"], curves, d["best"])
     ds = PETDataset(data_dir, split)
     res = _sweep(ds, ds.make_projector(device or "cpu"), cfg, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res.to_dict()))
-    os.replace(tmp, path)
+    write_json(path, res.to_dict())
+    return res
+
+
+def _cached_evaluation(path: Path, run_path: Path | None, data_dir: Path, cfg: BaselineConfig,
+                       methods: tuple[str, ...], device, progress: bool, sweep_result) -> dict:
+    """The evaluation stored at ``path``; else :func:`fbsemlib.evaluation.evaluate` with the
+    baselines' strengths of ``sweep_result()`` (a function: the sweep runs only when the
+    evaluation is not cached), stored with its ``time_s``."""
+    from fbsemlib.evaluation import evaluate as _evaluate
+
+    if path.exists():
+        return json.loads(path.read_text())
+    t = time.time()
+    res = _evaluate(run_path, data_dir, device=device, baseline_config=cfg, methods=methods, progress=progress,
+                    sweep_result=sweep_result())
+    res["time_s"] = time.time() - t
+    write_json(path, res)
     return res
 
 
@@ -238,9 +261,8 @@ def evaluate(run: Run | Path | None, data_dir: Path, config: BaselineConfig | No
     """Cached :func:`fbsemlib.evaluation.evaluator.evaluate` of a run (or of the baselines only when
     ``run`` is None) on the test split (default baseline config: the ``baselines:``
     section of the dataset's profile)."""
+    from fbsemlib.data import open_dataset
     from fbsemlib.evaluation.baselines import METHODS
-    from fbsemlib.data.format import open_dataset
-    from fbsemlib.evaluation.evaluator import evaluate as _evaluate
 
     info = open_dataset(data_dir, checksums=False)
     cfg = config or _default_baselines(info)
@@ -248,18 +270,48 @@ def evaluate(run: Run | Path | None, data_dir: Path, config: BaselineConfig | No
     methods = tuple(methods or ((("fbsem",) if run_path else ()) + METHODS))
     h = config_hash({"data": info.recipe_hash, "run": str(run_path), "baselines": cfg.to_dict(), "methods": methods})
     path = (run_path if run_path else _cache_root() / "evaluations") / f"evaluation-{h}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    t = time.time()
-    sw = baseline_sweep(data_dir, cfg, device=device, progress=progress) if len(methods) > 1 or "fbsem" not in methods else None
-    res = _evaluate(run_path, data_dir, device=device, baseline_config=cfg, methods=methods, progress=progress,
-                    sweep_result=sw)
-    res["time_s"] = time.time() - t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, default=float))
-    os.replace(tmp, path)
-    return res
+    needs_sweep = len(methods) > 1 or "fbsem" not in methods
+    return _cached_evaluation(path, run_path, data_dir, cfg, methods, device, progress,
+                              lambda: baseline_sweep(data_dir, cfg, device=device, progress=progress)
+                              if needs_sweep else None)
+
+
+def evaluate_fixed_strengths(data_dir: Path, strengths: dict[str, float | None],
+                             methods: tuple[str, ...] = ("osem", "mapem_bowsher"), device: str | None = None,
+                             config: BaselineConfig | None = None, progress: bool = False) -> dict:
+    """Cached evaluation of baselines on the test split of ``data_dir`` with GIVEN strengths
+    (``method -> strength``, e.g. ``evaluation["sweep"]["best"]`` of the training
+    distribution), without a validation sweep on ``data_dir``: the baselines, like the
+    trained networks, are tuned on the training distribution and applied unchanged.
+    Same result format as :func:`evaluate`; cached under ``<cache>/evaluations`` by the
+    dataset, strengths, methods and baseline config."""
+    from fbsemlib.data import open_dataset
+
+    methods = tuple(methods)
+    if "fbsem" in methods:
+        raise ValueError("evaluate_fixed_strengths evaluates baselines only; use experiments.evaluate for a run")
+    missing = [m for m in methods if m != "osem" and strengths.get(m) is None]
+    if missing:
+        raise ValueError(f"no strength given for {missing}")
+    cfg = config or BaselineConfig()
+    best = {m: (None if m == "osem" else float(strengths[m])) for m in methods}
+    info = open_dataset(data_dir, checksums=False)
+    h = config_hash({"data": info.recipe_hash, "best": best, "methods": methods, "baselines": cfg.to_dict()})
+    path = Path(_cache_root() / "evaluations") / f"evaluation-fixed-{h}.json"
+    return _cached_evaluation(path, None, data_dir, cfg, methods, device, progress,
+                              lambda: SweepResult("given", {}, best))
+
+
+def method_mean(evaluation: dict, method: str = "fbsem", metric: str = "nrmse") -> float | None:
+    """Mean of ``metric`` of ``method`` over the test samples of an :func:`evaluate` result."""
+    s = (evaluation.get("summary") or {}).get(method, {}).get(metric) or {}
+    return s.get("mean")
+
+
+def method_std(evaluation: dict, method: str = "fbsem", metric: str = "nrmse") -> float | None:
+    """Standard deviation of ``metric`` of ``method`` over the test samples."""
+    s = (evaluation.get("summary") or {}).get(method, {}).get(metric) or {}
+    return s.get("std")
 
 
 # ----------------------------------------------------------------------------------------

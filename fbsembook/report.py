@@ -8,8 +8,8 @@ Everything takes torch tensors or numpy arrays; images may carry any leading dim
 * :func:`show_images`     -- a grid of images with a shared or per-panel colour scale;
 * :func:`lesion_row`      -- the image row that crosses the most lesion voxels (for line profiles);
 * :func:`plot_profiles`   -- line profiles of several images along one row;
-* :func:`mean_nrmse`      -- NRMSE (%) of an image (mean over a batch) against a reference;
-* :func:`nrmse_curve`     -- NRMSE (%) of every image of a sequence against a reference;
+* :func:`batch_mean`      -- the mean over a batch of a per-sample metric (e.g.
+  :func:`fbsemlib.evaluation.metrics.nrmse` of a batch), as one float;
 * :func:`plot_sweep`      -- NRMSE-vs-strength curves of a baseline sweep with the best marked;
 * :func:`summary_table`   -- a "mean ± std" table of an evaluation summary;
 * :func:`recipe_table`    -- a flat (key, value) table of a nested configuration dict.
@@ -26,8 +26,7 @@ __all__ = [
     "show_images",
     "lesion_row",
     "plot_profiles",
-    "mean_nrmse",
-    "nrmse_curve",
+    "batch_mean",
     "plot_sweep",
     "summary_table",
     "recipe_table",
@@ -134,19 +133,13 @@ def plot_profiles(ax, images: Mapping[str, Any], row: int, *, x_mm: Sequence[flo
     return ax
 
 
-def mean_nrmse(image: Any, reference: Any, mask: Any = None) -> float:
-    """NRMSE (%) of ``image`` against ``reference`` inside ``mask``
-    (:func:`fbsemlib.evaluation.metrics.nrmse`) as one float: the mean over a batch."""
-    from fbsemlib.evaluation.metrics import nrmse
-
-    v = nrmse(image, reference, mask)
-    return float(np.mean(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)))
-
-
-def nrmse_curve(images: Sequence[Any], reference: Any, mask: Any = None) -> np.ndarray:
-    """:func:`mean_nrmse` of each image of ``images`` (e.g. the iterates of an
-    algorithm) against ``reference``, as a 1D array."""
-    return np.asarray([mean_nrmse(im, reference, mask) for im in images])
+def batch_mean(values: Any) -> float:
+    """The mean of per-sample values (a float, or a tensor / array with one value per
+    sample of a batch, e.g. ``metrics.nrmse(batch_images, references, masks)``) as one
+    float (NumPy's mean, on the CPU)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return float(np.mean(np.asarray(values)))
 
 
 def plot_sweep(ax, curve: Sequence[Sequence], best: float | None, *, label: str | None = None,

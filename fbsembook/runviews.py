@@ -1,7 +1,8 @@
 """Looking inside trained runs (used by the book's chapters 7 and 8).
 
-* :func:`stack_samples` -- a batch of dataset samples (the tensors of
-  :class:`~fbsemlib.data.dataset.PETDataset` items stacked along a new batch dimension);
+* :func:`stack_samples` -- a batch of dataset samples (:func:`collate`: the items of a
+  :class:`~fbsemlib.data.PETDataset` as one :class:`~fbsemlib.data.PETBatch`, every field
+  stacked along a new batch dimension);
 * :func:`module_outputs` -- the output of every unrolled module of a trained FBSEM-Net;
 * :func:`module_trace` -- per module ``k``, the NRMSE of its output against the true
   activity and against its own iteration-dependent target, and the NRMSE of that target
@@ -19,38 +20,47 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from fbsemlib.data import PETBatch
 from fbsemlib.evaluation import metrics
 
-__all__ = ["stack_samples", "module_outputs", "module_trace", "baseline_recon", "orthogonal_slices", "run_summary"]
+__all__ = ["collate", "stack_samples", "module_outputs", "module_trace", "baseline_recon", "orthogonal_slices",
+           "run_summary"]
 
-_KEYS = ("y", "multiplicative", "additive", "mr", "targets", "target_final", "activity", "brain_mask")
+
+def collate(items: Sequence[Mapping]) -> PETBatch:
+    """Dataset items as one :class:`~fbsemlib.data.PETBatch` (PyTorch's ``default_collate``:
+    every field stacked along a new leading batch dimension)."""
+    from torch.utils.data import default_collate
+
+    if not items:
+        raise ValueError("collate needs at least one item")
+    return PETBatch.from_mapping(default_collate([PETBatch.from_mapping(it).as_dict() for it in items]))
 
 
-def stack_samples(ds, indices: Sequence[int]) -> dict:
-    """The samples ``indices`` of ``ds`` as one batch: every tensor of the items stacked
-    along a new leading dimension (``y``: ``(B, 1, P, V, R)``, ``targets``:
-    ``(B, K, 1, Z, Y, X)``, ...)."""
+def stack_samples(ds, indices: Sequence[int]) -> PETBatch:
+    """The samples ``indices`` of ``ds`` as one batch (``y``: ``(B, 1, P, V, R)``,
+    ``targets``: ``(B, K, 1, Z, Y, X)``, ...)."""
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError("stack_samples needs at least one index")
-    items = [ds[i] for i in indices]
-    return {k: torch.stack([it[k] for it in items]) for k in _KEYS if k in items[0]}
+    return collate([ds[i] for i in indices])
 
 
 @torch.no_grad()
 def module_outputs(net, batch: Mapping, device=None) -> torch.Tensor:
     """Every module's output ``x_1..x_K`` of ``net`` (run in eval mode; its training mode
-    is restored afterwards) on ``batch`` (a dict with ``y``, ``multiplicative``,
-    ``additive`` and ``mr`` with a leading batch dimension: :func:`stack_samples`, or
-    :func:`fbsembook.analysis.as_batch` of one dataset item), ``(K, B, 1, Z, Y, X)`` on the
-    CPU (``net.prepare`` + ``net.run(ctx, return_all=True)``). For one item,
+    is restored afterwards) on ``batch`` (a :class:`~fbsemlib.data.PETBatch` with a leading
+    batch dimension: :func:`stack_samples`, or :func:`fbsembook.analysis.as_batch` of one
+    dataset item), ``(K, B, 1, Z, Y, X)`` on the CPU (``net.prepare`` +
+    ``net.run(ctx, return_all=True)``). For one item,
     ``module_outputs(net, as_batch(item))[:, 0, 0]`` is ``(K, Z, Y, X)``."""
+    b = PETBatch.from_mapping(batch)
     dev = torch.device(device) if device is not None else net.projector.device
     was = net.training
     net.eval()
     try:
-        mr = batch["mr"].to(dev) if net.config.use_mr else None
-        ctx = net.prepare(batch["y"].to(dev), batch["multiplicative"].to(dev), batch["additive"].to(dev), mr)
+        mr = b.mr.to(dev) if net.config.use_mr else None
+        ctx = net.prepare(b.y.to(dev), b.multiplicative.to(dev), b.additive.to(dev), mr)
         outs = net.run(ctx, return_all=True)
     finally:
         net.train(was)
@@ -68,9 +78,10 @@ def module_trace(outputs: torch.Tensor, batch: Mapping) -> dict:
     :func:`stack_samples` (``targets``, ``activity``, ``brain_mask``). Arrays are
     ``(K, B)``; ``k`` is ``1..K``."""
     K = outputs.shape[0]
-    act = batch["activity"].float()
-    mask = batch["brain_mask"].bool()
-    tg = batch["targets"][:, :K].float().transpose(0, 1)  # (K, B, 1, Z, Y, X)
+    b = PETBatch.from_mapping(batch)
+    act = b.activity.float()
+    mask = b.brain_mask.bool()
+    tg = b.targets[:, :K].float().transpose(0, 1)  # (K, B, 1, Z, Y, X)
     if tg.shape[0] < K:
         raise ValueError(f"the batch has {tg.shape[0]} targets but the network {K} modules")
     to_truth = torch.stack([metrics.nrmse(outputs[k], act, mask) for k in range(K)])
@@ -89,7 +100,7 @@ def baseline_recon(ds, batch: Mapping, method: str = "osem", strength: float | N
     from fbsemlib.evaluation.baselines import reconstruct
 
     P = projector if projector is not None else ds.make_projector()
-    x = reconstruct(method, strength, dict(batch), P, ds.num_iterations, ds.num_subsets, bowsher_neighbours)
+    x = reconstruct(method, strength, batch, P, ds.num_iterations, ds.num_subsets, bowsher_neighbours)
     return x.detach().cpu()
 
 

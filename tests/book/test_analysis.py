@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fbsembook import analysis as an
-from fbsembook import claims as C
+from fbsembook import verdicts as V
 from fbsembook import runviews as RV
 from fbsemlib.data import PETDataset
-from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
+from fbsemlib.models import FBSEMNet, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,21 @@ def test_trajectory_errors(test_split):
     assert np.all(err["truth"] > 0)
     twice = an.trajectory_errors(2 * targets, item)
     assert np.allclose(twice["target"], 100, rtol=1e-4)  # ||2t - t|| / ||t|| = 100 %
+    # metrics.nrmse of the (Z, Y, X) images: bit for bit the value of the same images as batches of one
+    from fbsemlib.evaluation import metrics
+
+    mask = item["brain_mask"][0].bool()
+    assert err["truth"][-1] == float(metrics.nrmse(targets[-1][None], item["activity"][0][None], mask[None]))
+
+
+def test_as_batch_is_a_batch_of_one(test_split):
+    from fbsemlib.data import PETBatch
+
+    item = test_split[0]
+    b = an.as_batch(item)
+    assert isinstance(b, PETBatch) and b.batch_size == 1
+    assert b.y.shape == (1,) + tuple(item["y"].shape) and b.targets.shape == (1,) + tuple(item["targets"].shape)
+    assert torch.equal(b.activity[0], item["activity"]) and int(b.index[0]) == int(item["index"])
 
 
 def test_osem_iterates_of_noise_free_data_are_the_targets(test_split):
@@ -121,23 +136,23 @@ def test_seed_spread_feeds_the_consistency_verdict():
     assert rows["stable"]["mean"] == pytest.approx(11.1)
     assert rows["stable"]["std"] == pytest.approx(np.std([11.0, 11.2], ddof=1))
     assert rows["erratic"]["sample_std"] == pytest.approx(np.mean([np.std([10, 14], ddof=1), 0.0]))
-    # the rows feed claims.verdict_consistency (the one consistency verdict)
+    # the rows feed verdicts.verdict_consistency (the one consistency verdict)
     r = {(x["label"], x["metric"]): x for x in sp}
 
     def verdict(cand, base, rows):
         c, b = rows[(cand, "nrmse")], rows[(base, "nrmse")]
-        return C.verdict_consistency(c["std"], b["std"], min(c["runs"], b["runs"]),
+        return V.verdict_consistency(c["std"], b["std"], min(c["runs"], b["runs"]),
                                      sample_stds=(c["sample_std"], b["sample_std"]))
 
     v = verdict("stable", "erratic", r)
-    assert v.verdict == C.REPRODUCED and v.numbers["ratio"] < 1 and v.numbers["sample_ratio"] < 1
+    assert v.verdict == V.REPRODUCED and v.numbers["ratio"] < 1 and v.numbers["sample_ratio"] < 1
     assert "per-sample std ratio" in v.reason
     w = verdict("erratic", "stable", r)
-    assert w.verdict == C.NOT_REPRODUCED and w.numbers["ratio"] > 1
+    assert w.verdict == V.NOT_REPRODUCED and w.numbers["ratio"] > 1
     one = an.seed_spread({"a": [_evaluation([1.0])], "b": [_evaluation([2.0])]}, ("nrmse",))
     assert math.isnan(one[0]["std"])
     v1 = verdict("a", "b", {(x["label"], x["metric"]): x for x in one})
-    assert v1.verdict == C.NOT_TESTED and "at least 2" in v1.reason
+    assert v1.verdict == V.NOT_TESTED and "at least 2" in v1.reason
 
 
 def test_image_spread():
@@ -242,8 +257,10 @@ def test_variant_dataset_evaluates_a_trained_model(smoke_dataset, smoke_model, t
 
 
 def test_evaluate_fixed_strengths(smoke_dataset, tmp_path, monkeypatch):
+    from fbsembook import experiments as ex
+
     monkeypatch.setenv("FBSEM_CACHE", str(tmp_path / "cache"))
-    ev = an.evaluate_fixed_strengths(smoke_dataset, {"mapem_bowsher": 1e-3, "osem_postfilter": 4.0},
+    ev = ex.evaluate_fixed_strengths(smoke_dataset, {"mapem_bowsher": 1e-3, "osem_postfilter": 4.0},
                                      methods=("osem", "mapem_bowsher"))
     assert set(ev["summary"]) == {"osem", "mapem_bowsher"}
     assert ev["sweep"]["best"] == {"osem": None, "mapem_bowsher": 1e-3}
@@ -251,9 +268,9 @@ def test_evaluate_fixed_strengths(smoke_dataset, tmp_path, monkeypatch):
     files = list((tmp_path / "cache" / "evaluations").glob("evaluation-fixed-*.json"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
-    again = an.evaluate_fixed_strengths(smoke_dataset, {"mapem_bowsher": 1e-3}, methods=("osem", "mapem_bowsher"))
+    again = ex.evaluate_fixed_strengths(smoke_dataset, {"mapem_bowsher": 1e-3}, methods=("osem", "mapem_bowsher"))
     assert files[0].stat().st_mtime_ns == mtime and again["summary"] == ev["summary"]  # cached
     with pytest.raises(ValueError, match="no strength"):
-        an.evaluate_fixed_strengths(smoke_dataset, {}, methods=("mapem_bowsher",))
+        ex.evaluate_fixed_strengths(smoke_dataset, {}, methods=("mapem_bowsher",))
     with pytest.raises(ValueError, match="baselines only"):
-        an.evaluate_fixed_strengths(smoke_dataset, {}, methods=("fbsem",))
+        ex.evaluate_fixed_strengths(smoke_dataset, {}, methods=("fbsem",))

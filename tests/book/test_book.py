@@ -1,4 +1,5 @@
-"""The book machinery (fbsembook.build, `fbsem book ...`, _config.yml / _toc.yml).
+"""The book machinery (fbsembook.profiles, chapters, execute, publish and build: `fbsem book ...`;
+_config.yml / _toc.yml).
 
 The slow tests share one smoke-profile build of a copy of the working tree (what a clean
 clone plus the current edits would hold), so they never touch book/_build or book/_executed
@@ -20,7 +21,8 @@ import nbformat
 import numpy as np
 import pytest
 
-from fbsembook import build as book
+from fbsembook import chapters, execute, profiles, publish
+
 REPO = Path(__file__).resolve().parents[2]
 # `fbsem ...` with this interpreter (`python -m fbsemlib.cli` would load cli.py twice, as
 # __main__ and as fbsemlib.cli, and miss the UserError -> exit 2 mapping)
@@ -33,7 +35,7 @@ SKIP_COPY = (".git/", ".venv/", "book/_build/", "book/_executed/", ".cache/")
 # ----------------------------------------------------------------------------------------
 def _clean_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    for var in ("MPLBACKEND", book.ROOT_ENV, book.PROFILE_ENV, book.CACHE_ENV):
+    for var in ("MPLBACKEND", profiles.ROOT_ENV, profiles.PROFILE_ENV, profiles.CACHE_ENV):
         env.pop(var, None)
     env.update(extra)
     return env
@@ -76,45 +78,45 @@ def _stream_text(cell) -> str:
 def test_profile_params_resolution():
     defaults = {"n": {"smoke": 8, "cpu": 64, "paper": 172}, "lr": 1e-3, "k": {"smoke": 2, "default": 10}}
     ns = {"n": None, "lr": None, "k": None}
-    p = book.profile_params(defaults, "smoke", ns)
+    p = profiles.profile_params(defaults, "smoke", ns)
     assert (p.n, p.lr, p.k, p.profile) == (8, 1e-3, 2, "smoke")
     assert p.sources == {"n": "profile", "lr": "profile", "k": "profile"}
-    p = book.profile_params(defaults, "paper", {**ns, "lr": 0.5})
+    p = profiles.profile_params(defaults, "paper", {**ns, "lr": 0.5})
     assert (p.n, p.lr, p.k) == (172, 0.5, 10) and p.sources["lr"] == "override"
     assert "override" in repr(p) and "<table>" in p._repr_html_()
     with pytest.raises(KeyError, match="not declared in the parameters cell"):
-        book.profile_params(defaults, "cpu", {"n": None})
+        profiles.profile_params(defaults, "cpu", {"n": None})
     with pytest.raises(ValueError, match="unknown profile"):
-        book.profile_params(defaults, "gpu", ns)
+        profiles.profile_params(defaults, "gpu", ns)
     with pytest.raises(KeyError, match="no value for profile"):
-        book.profile_params({"n": {"smoke": 1}}, "cpu")
+        profiles.profile_params({"n": {"smoke": 1}}, "cpu")
 
 
 def test_profile_from_environment(monkeypatch):
-    monkeypatch.delenv(book.PROFILE_ENV, raising=False)
-    assert book.resolve_profile() == "cpu"
-    monkeypatch.setenv(book.PROFILE_ENV, "smoke")
-    assert book.resolve_profile() == "smoke"
-    assert book.resolve_profile("paper") == "paper"
+    monkeypatch.delenv(profiles.PROFILE_ENV, raising=False)
+    assert profiles.resolve_profile() == "cpu"
+    monkeypatch.setenv(profiles.PROFILE_ENV, "smoke")
+    assert profiles.resolve_profile() == "smoke"
+    assert profiles.resolve_profile("paper") == "paper"
 
 
 def test_parameter_values_are_yaml_scalars():
-    v = book.parse_parameter_values([("a", "64"), ("b", "1e-3"), ("c", "true"), ("d", "null"),
+    v = execute.parse_parameter_values([("a", "64"), ("b", "1e-3"), ("c", "true"), ("d", "null"),
                                      ("e", "tiny2d"), ("f", "[1, 2]"), ("g", "'64'")])
     assert v == {"a": 64, "b": 1e-3, "c": True, "d": None, "e": "tiny2d", "f": [1, 2], "g": "64"}
-    from fbsemlib.cli import UserError
+    from fbsemlib.errors import UserError
 
     with pytest.raises(UserError):
-        book.parse_parameter_values([("not-a-name", "1")])
+        execute.parse_parameter_values([("not-a-name", "1")])
 
 
 def test_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv(book.CACHE_ENV, str(tmp_path / "c"))
-    assert book.cache_dir("data", "x") == tmp_path / "c" / "data" / "x"
+    monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path / "c"))
+    assert profiles.cache_dir("data", "x") == tmp_path / "c" / "data" / "x"
     assert (tmp_path / "c" / "data" / "x").is_dir()
-    monkeypatch.delenv(book.CACHE_ENV)
+    monkeypatch.delenv(profiles.CACHE_ENV)
     monkeypatch.chdir(REPO)
-    assert book.cache_dir(create=False) == REPO / ".cache" / "fbsem"
+    assert profiles.cache_dir(create=False) == REPO / ".cache" / "fbsem"
 
 
 def test_toc_and_config_layout():
@@ -123,20 +125,20 @@ def test_toc_and_config_layout():
     cfg = yaml.safe_load((REPO / "_config.yml").read_text())
     assert cfg["execute"]["execute_notebooks"] == "off"
     assert cfg["only_build_toc_files"] is True
-    files = book.toc_files(REPO)
+    files = chapters.toc_files(REPO)
     assert files[0] in ("book/intro", "book/00_introduction")
     for f in files:
-        if not f.startswith(book.EXECUTED_DIR + "/"):
+        if not f.startswith(chapters.EXECUTED_DIR + "/"):
             assert (REPO / f"{f}.md").is_file(), f
-    chs = book.chapters(REPO)
+    chs = chapters.chapters(REPO)
     assert chs and chs[0].name == "01_forward_model"
-    assert book.find_chapter("1", REPO) == chs[0]
-    assert book.find_chapter("01", REPO) == chs[0]
-    assert book.find_chapter("forward_model", REPO) == chs[0]
-    assert book.find_chapter("book/01_forward_model.md", REPO) == chs[0]
+    assert chapters.find_chapter("1", REPO) == chs[0]
+    assert chapters.find_chapter("01", REPO) == chs[0]
+    assert chapters.find_chapter("forward_model", REPO) == chs[0]
+    assert chapters.find_chapter("book/01_forward_model.md", REPO) == chs[0]
 
 
-@pytest.mark.parametrize("chapter", book.chapters(REPO), ids=lambda c: c.name)
+@pytest.mark.parametrize("chapter", chapters.chapters(REPO), ids=lambda c: c.name)
 def test_chapter_follows_the_conventions(chapter):
     """Every chapter: NN_slug.md, a MyST notebook, a `parameters` cell whose first line reads
     the profile from FBSEM_PROFILE and whose other parameters default to None."""
@@ -145,11 +147,11 @@ def test_chapter_follows_the_conventions(chapter):
     assert re.fullmatch(r"\d\d_[a-z0-9_]+", chapter.name), chapter.name
     text = chapter.source.read_text()
     assert "format_name: myst" in text
-    nb = book.convert(chapter)
+    nb = chapters.convert(chapter)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     first = cell.source.strip().splitlines()[0]
     assert re.match(r'profile\s*=\s*os\.environ\.get\(\s*["\']FBSEM_PROFILE["\']', first), first
-    names = book.notebook_parameters(nb)
+    names = chapters.notebook_parameters(nb)
     assert names[0] == "profile"
     for node in ast.parse(cell.source).body[1:]:
         assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and node.value.value is None, (
@@ -178,7 +180,7 @@ def test_build_smoke_produces_every_page(built):
     html = root / "book" / "_build" / "html"
     assert (html / "index.html").is_file()
     assert (html / "book" / "intro.html").is_file()
-    chs = book.chapters(root)
+    chs = chapters.chapters(root)
     assert chs
     for c in chs:
         assert (html / c.html).is_file(), c.html
@@ -202,13 +204,13 @@ def test_nbval_on_converted_notebooks(built, tmp_path):
     root = built["root"]
     assert built["proc"].returncode == 0
     files = []
-    for c in book.chapters(root):
-        nb = book.nbval_notebook(c)
+    for c in chapters.chapters(root):
+        nb = publish.nbval_notebook(c)
         path = c.source.with_name(f"{c.name}.nbval.ipynb")  # next to the source: same working directory
         nbformat.write(nb, path)
         files.append(path)
-    first = book.chapters(root)[0]
-    nb = book.nbval_notebook(first)
+    first = chapters.chapters(root)[0]
+    nb = publish.nbval_notebook(first)
     checked = [c for c in _code_cells(nb) if "NBVAL_CHECK_OUTPUT" in c.source]
     assert checked and "adjoint test passed: True" in _stream_text(checked[0])
     checked[0].outputs[0]["text"] = "adjoint test passed: False\n"
@@ -293,7 +295,7 @@ def test_pages_render_in_headless_chromium(built, tmp_path):
     for name, page, size in [
         ("intro", html / "book" / "intro.html", (1280, 2000)),
         # tall: the first figure of a chapter comes after its set-up and parameter cells
-        ("chapter", html / book.chapters(root)[0].html, (1280, 6000)),
+        ("chapter", html / chapters.chapters(root)[0].html, (1280, 6000)),
     ]:
         png = tmp_path / f"{name}.png"
         img = _screenshot(exe, page.as_uri(), png, size, tmp_path / f"chromium-{name}")
@@ -305,11 +307,11 @@ def test_pages_render_in_headless_chromium(built, tmp_path):
             Path(keep).mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, Path(keep) / png.name)
     # the chapter page embeds the matplotlib figures as <img> files that exist
-    page = (html / book.chapters(root)[0].html).read_text()
+    page = (html / chapters.chapters(root)[0].html).read_text()
     srcs = re.findall(r'<img[^>]*src="([^"]+\.png)"', page)
     assert len(srcs) >= 3, srcs
     for s in srcs:
-        assert (html / book.chapters(root)[0].html).parent.joinpath(s).resolve().is_file(), s
+        assert (html / chapters.chapters(root)[0].html).parent.joinpath(s).resolve().is_file(), s
     # ... and the screenshot shows them; the intro (text only) has no such region
     assert _figure_blocks(shots["chapter"]) >= 10
     assert _figure_blocks(shots["intro"]) == 0
@@ -319,7 +321,7 @@ def test_pages_render_in_headless_chromium(built, tmp_path):
 def test_run_one_chapter_with_a_parameter(built):
     root = built["root"]
     assert built["proc"].returncode == 0
-    ch = book.chapters(root)[0]
+    ch = chapters.chapters(root)[0]
     before = ch.executed.stat().st_mtime
     proc = _fbsem(root, "book", "run", "1", "-p", "lors_shown", "5", "--profile", "smoke")
     assert proc.returncode == 0, proc.stdout[-6000:]

@@ -1,6 +1,12 @@
+"""fbsembook.experiments: profiles, cached datasets, runs and evaluations."""
+
+import json
+
 import pytest
 
 from fbsembook import experiments as ex
+
+
 def test_load_profile_overrides():
     s = ex.load_profile("smoke", {"train.epochs": 7, "model.shared": True})
     assert s["train"]["epochs"] == 7 and s["model"]["shared"] is True
@@ -58,33 +64,50 @@ def test_parallel_requests_train_once(smoke_dataset, tmp_path, monkeypatch):
 def test_runs_share_one_projector_per_geometry(smoke_model, monkeypatch):
     """Run.load reuses the projector (and its subset system matrices) of a geometry instead
     of rebuilding it for every loaded model; the cache is bounded."""
+    import collections
     import copy
     import json
     from pathlib import Path
 
     import torch
 
-    from fbsemlib.training import trainers as training
-    monkeypatch.setattr(training, "_projectors", type(training._projectors)())
+    from fbsemlib.physics import cache
+    from fbsemlib.physics.geometry import ImageGrid, sinogram_geometry_from_dict
+    from fbsemlib.physics.projector import Projector
+    from fbsemlib.training import load_trained
+    monkeypatch.setattr(cache, "_cache", collections.OrderedDict())
     run = ex.Run(Path(smoke_model), "sequential", {}, {})
     a, cfgs = run.load(device="cpu")
     b, _ = run.load(device="cpu")
     assert a is not b and a.projector is b.projector
-    assert all(p is q for p, q in zip(a.subset_projectors, b.subset_projectors))
-    assert len(training._projectors) == 1
-    c, _ = training.load_trained(smoke_model, device=torch.device("cpu"))
+    assert all(a.subset_model(m).projector is b.subset_model(m).projector for m in range(a.num_subsets))
+    assert cache.cached_count() == 1
+    c, _ = load_trained(smoke_model, device=torch.device("cpu"))
     assert c.projector is a.projector
     assert not a.training and not b.training
     # a model can still be given its own projector
-    own = training.build_projector(cfgs["projector"], "cpu")
-    d, _ = training.load_trained(smoke_model, device="cpu", projector=own)
+    own = Projector(sinogram_geometry_from_dict(cfgs["projector"]["sinogram"]), ImageGrid.from_dict(cfgs["projector"]["grid"]))
+    d, _ = load_trained(smoke_model, device="cpu", projector=own)
     assert d.projector is own and d.projector is not a.projector
     # bounded: the least recently used geometry is dropped
-    monkeypatch.setattr(training, "PROJECTOR_CACHE_SIZE", 1)
+    monkeypatch.setattr(cache, "CACHE_SIZE", 1)
     spec = json.loads(json.dumps(cfgs["projector"]))
     other = copy.deepcopy(spec)
     other["psf_fwhm_mm"] = [1.0, 1.0, 1.0] if spec.get("psf_fwhm_mm") is None else None
-    p_other = training.shared_projector(other, "cpu")
-    assert p_other is not a.projector and len(training._projectors) == 1
-    assert training.shared_projector(other, "cpu") is p_other
-    assert training.shared_projector(spec, "cpu") is not a.projector  # evicted, rebuilt
+    p_other = cache.projector_from_spec(other, "cpu")
+    assert p_other is not a.projector and cache.cached_count() == 1
+    assert cache.projector_from_spec(other, "cpu") is p_other
+    assert cache.projector_from_spec(spec, "cpu") is not a.projector  # evicted, rebuilt
+
+
+def test_method_readers():
+    ev = {"summary": {"fbsem": {"nrmse": {"mean": 12.0, "std": 1.0}}}}
+    assert ex.method_mean(ev) == 12.0 and ex.method_std(ev) == 1.0
+    assert ex.method_mean(ev, "osem") is None
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "sub" / "x.json"
+    ex.write_json(path, {"a": 1, "b": [1.5]})
+    assert json.loads(path.read_text()) == {"a": 1, "b": [1.5]}
+    assert not list(path.parent.glob("*.tmp"))

@@ -69,14 +69,17 @@ def test_plot_profiles_and_sweep():
     plt.close(fig)
 
 
-def test_nrmse_curve():
-    ref = torch.ones(1, 1, 4, 4)
-    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
-    curve = report.nrmse_curve([ref, 1.5 * ref, 0.9 * ref], ref, mask)
-    np.testing.assert_allclose(curve, [0.0, 50.0, 10.0], atol=1e-4)
-    batch = torch.stack([ref[0], 2 * ref[0]])  # (2, 1, 4, 4): 0 % and 100 %
-    assert report.mean_nrmse(batch, ref[0], mask[0]) == pytest.approx(50.0)
-    assert isinstance(report.mean_nrmse(ref, ref), float)
+def test_batch_mean_of_a_per_sample_metric():
+    from fbsemlib.evaluation import metrics
+
+    ref = torch.ones(1, 4, 4)
+    mask = torch.ones(1, 4, 4, dtype=torch.bool)
+    batch = torch.stack([ref, 2 * ref, 1.5 * ref])  # (3, 1, 4, 4): 0 %, 100 %, 50 %
+    v = metrics.nrmse(batch, ref, mask)
+    assert report.batch_mean(v) == pytest.approx(50.0) and isinstance(report.batch_mean(v), float)
+    assert report.batch_mean(v) == float(np.mean(v.numpy()))  # NumPy's mean, bit for bit
+    assert report.batch_mean(metrics.nrmse(ref, ref, mask)) == 0.0  # one image: a float
+    assert report.batch_mean(np.array([1.0, 2.0])) == 1.5
 
 
 def test_summary_and_recipe_tables():

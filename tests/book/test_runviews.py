@@ -32,28 +32,28 @@ def test_orthogonal_slices_shapes_and_extents():
 
 def test_module_trace_of_a_trained_model(smoke_dataset, smoke_model):
     from fbsemlib.data import PETDataset
-    from fbsemlib.training.trainers import load_trained
+    from fbsemlib.training import load_trained
 
     ds = PETDataset(smoke_dataset, "test")
     net, _ = load_trained(smoke_model)
     batch = RV.stack_samples(ds, [0, 1])
-    assert batch["y"].shape[0] == 2 and batch["targets"].shape[:2] == (2, ds.num_modules)
+    assert batch.y.shape[0] == 2 and batch.targets.shape[:2] == (2, ds.num_modules) and batch.batch_size == 2
     outs = RV.module_outputs(net, batch)
     K = net.num_modules
     assert outs.shape == (K, 2, 1) + tuple(ds.grid.shape)
     # the last output is the network's reconstruction
     with torch.no_grad():
         net.eval()
-        last = net(batch["y"], batch["multiplicative"], batch["additive"], batch["mr"])
+        last = net(batch.y, batch.multiplicative, batch.additive, batch.mr)
     torch.testing.assert_close(outs[-1], last)
     tr = RV.module_trace(outs, batch)
     assert list(tr["k"]) == list(range(1, K + 1))
     for key in ("to_truth", "to_target", "target_to_truth"):
         assert tr[key].shape == (K, 2) and np.isfinite(tr[key]).all()
-    ref = metrics.nrmse(outs[-1], batch["activity"], batch["brain_mask"].bool())
+    ref = metrics.nrmse(outs[-1], batch.activity, batch.brain_mask.bool())
     np.testing.assert_allclose(tr["to_truth"][-1], np.asarray(ref).reshape(-1), rtol=1e-5)
     osem = RV.baseline_recon(ds, batch)
-    assert osem.shape == batch["activity"].shape
+    assert osem.shape == batch.activity.shape
     with pytest.raises(ValueError):
         RV.stack_samples(ds, [])
 
@@ -75,7 +75,7 @@ def test_run_summary():
 def test_module_outputs_of_one_item_match_forward_and_keep_the_mode(smoke_dataset):
     from fbsembook.analysis import as_batch
     from fbsemlib.data import PETDataset
-    from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
+    from fbsemlib.models import FBSEMNet, ModelConfig
 
     ds = PETDataset(smoke_dataset, "test")
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def test_module_outputs_of_one_item_match_forward_and_keep_the_mode(smoke_datase
     assert net.training  # run in eval mode, the mode is restored
     with torch.no_grad():
         net.eval()
-        last = net(b["y"], b["multiplicative"], b["additive"], b["mr"])
+        last = net(b.y, b.multiplicative, b.additive, b.mr)
     torch.testing.assert_close(outs[-1], last)
     assert not net.training
     assert RV.module_outputs(net, b)[:, 0, 0].shape == (ds.num_modules,) + tuple(ds.grid.shape)  # one item
