@@ -275,13 +275,45 @@ def test_bad_arguments_raise():
 def test_missing_template_data_gives_clear_error(monkeypatch):
     import nilearn.datasets
 
-    from fbsemlib.data import phantoms
+    from fbsemlib.data.phantoms import template
+
     def missing(*args, **kwargs):
         raise FileNotFoundError("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
 
     monkeypatch.setattr(nilearn.datasets, "load_mni152_gm_template", missing)
     with pytest.raises(RuntimeError, match="nilearn"):
-        phantoms._load_nilearn_template(1)
+        template._load_nilearn_template(1)
+
+
+def test_build_phantom_from_a_synthetic_source():
+    """build_phantom resamples any TissueSource (here a sphere: white matter, a grey-matter
+    shell, a skull) onto a grid; seed None is the identity draw without lesions."""
+    from fbsemlib.data.phantoms.build import TissueSource, bbox_centre_ras, build_phantom
+
+    n = 41
+    i, j, k = np.mgrid[:n, :n, :n] - (n // 2)
+    r = np.sqrt(i**2 + j**2 + k**2)  # 1 mm voxels
+    counts = {t: np.zeros((n, n, n), np.uint8) for t in TISSUES}
+    counts["wm"][r <= 10] = 255
+    counts["gm"][(r > 10) & (r <= 14)] = 255
+    counts["bone"][(r > 14) & (r <= 17)] = 255
+    brain = (r <= 14).astype(np.uint8)
+    affine = np.eye(4)
+    affine[:3, 3] = -(n // 2)
+    src = TissueSource(counts=counts, brain=brain, unit=1 / 255, affine=affine,
+                       centre_ras=bbox_centre_ras(brain, affine), name="sphere")
+    assert np.allclose(src.centre_ras, 0.0)
+    grid = ImageGrid((1, 32, 32), (2.0, 2.0, 2.0))
+    cfg = PhantomConfig(slice_z_mm=0.0)
+    ph = build_phantom(src, grid, cfg, None, "cpu")
+    assert ph.num_lesions == 0 and ph.seed is None and ph.params["source"] == "sphere"
+    area = float(ph.brain_mask.sum()) * 4.0
+    assert abs(area - np.pi * 14**2) < 0.1 * np.pi * 14**2
+    centre = (0, 15, 15)
+    assert float(ph.activity[centre]) == pytest.approx(cfg.pet_values["wm"])
+    assert float(ph.mr[centre]) == pytest.approx(cfg.mr_values["wm"])
+    assert float(ph.mu_map.max()) == pytest.approx(cfg.mu_bone_per_mm, rel=1e-5)
+    assert torch.equal(build_phantom(src, grid, cfg, None, "cpu").activity, ph.activity)
 
 
 # --------------------------------------------------------------------------------------
