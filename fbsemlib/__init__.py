@@ -54,7 +54,7 @@ from fbsemlib.evaluation import BaselineConfig, evaluate, metrics
 from fbsemlib.config import ConfigError, load_experiment
 from fbsemlib.errors import UserError
 
-__version__ = "0.1.0"
+from fbsemlib._version import __version__
 
 __all__ = [
     "ImageGrid",

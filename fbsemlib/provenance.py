@@ -26,7 +26,7 @@ def is_number(v: Any) -> bool:
 def versions(*packages: str) -> dict[str, str]:
     """``python``, ``fbsemlib``, ``torch`` and ``numpy`` versions, plus those of the named
     ``packages`` that are importable (``"hdf5"`` is h5py's HDF5 library)."""
-    from fbsemlib import __version__
+    from fbsemlib._version import __version__
 
     v = {"python": platform.python_version(), "fbsemlib": str(__version__), "torch": str(torch.__version__),
          "numpy": str(np.__version__)}
