@@ -247,7 +247,8 @@ def test_checkpoint_of_another_format_version_or_geometry_is_refused(reference_r
 
 
 def test_model_file_of_another_format_version_is_refused(reference_runs, tmp_path):
-    from fbsemlib.training.trainers import UserError, load_trained
+    from fbsemlib.errors import UserError
+    from fbsemlib.training import load_trained
 
     out = tmp_path / "m"
     shutil.copytree(reference_runs["end-to-end"]["out"], out)
@@ -287,7 +288,7 @@ def test_dataset_of_another_geometry_or_version_is_refused(reference_runs, smoke
 # ----------------------------------------------------------------------------------------
 def _checkpoint_spy(monkeypatch, on_save=None) -> list[bytes]:
     """Record the bytes of every checkpoint.pt written by the trainer."""
-    import fbsemlib.training.trainers as tr
+    import fbsemlib.training.base as tr
 
     saved: list[bytes] = []
     real = tr.atomic_torch_save
@@ -331,7 +332,7 @@ def test_inf_gamma_stops_cli_training_and_keeps_the_last_good_checkpoint(smoke_d
 
 def test_inf_in_cached_inputs_stops_sequential_training(smoke_dataset, tmp_path, monkeypatch):
     from fbsemlib.data import PETDataset
-    from fbsemlib.training.trainers import SequentialTrainer, TrainingDiverged, parse_model_section
+    from fbsemlib.training import SequentialTrainer, TrainingDiverged, parse_model_section
 
     saved = _checkpoint_spy(monkeypatch)
     d = yaml.safe_load(_config(tmp_path).read_text())

@@ -13,10 +13,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fbsemlib.cli import UserError, main
+from fbsemlib.cli.memory import cmd_memory
 from fbsemlib.training.memory import (
     MemoryReport,
     SavedTensorTracker,
-    cmd_memory,
     measure_training_memory,
     memory_problem,
     resolve_spec,
@@ -182,6 +182,21 @@ def test_config_sections(tmp_path):
         resolve_spec(bad)
 
 
+def test_data_section_is_the_simulation_recipe():
+    """The ``data:`` section is read as the recipe (DataConfig): its geometry, grid and
+    subsets; keys that are not recipe fields are an error, as in ``fbsem train``."""
+    data = {"scanner": "small3d", "num_rings": 3, "max_ring_difference": 5, "image_shape": [3, 24, 24],
+            "voxel_size_mm": [4.0, 8.0, 8.0], "slices_per_subject": 1, "num_subsets": 4, "psf_fwhm_mm": 2.5}
+    s = resolve_spec({"data": data, "model": {"width": 5, "num_iterations": 2}, "train": {"batch_size": "3"}})
+    assert (s.dims, s.num_rings, s.max_ring_difference, s.num_subsets, s.batch_size) == ("3d", 3, 2, 4, 3)
+    assert s.image_shape == (3, 24, 24) and s.voxel_size_mm == (4.0, 8.0, 8.0) and s.psf_fwhm_mm == 2.5
+    assert s.model == {"width": 5} and s.resolved()["preset"] == "small3d"
+    with pytest.raises(UserError, match="unknown key 'geometry' in section 'data'"):
+        resolve_spec({"data": {"geometry": "small3d"}})
+    with pytest.raises(UserError, match="data"):
+        resolve_spec({"data": {"scanner": "small3d", "image_shape": [1, 24, 24]}})  # a 3D scanner, a 2D image
+
+
 @pytest.mark.skipif(not (REPO / "data" / "smoke.yaml").exists(), reason="no data/smoke.yaml")
 def test_project_profiles_parse():
     for name in ("smoke", "cpu", "paper"):
@@ -279,7 +294,7 @@ def test_cuda_linear_flat_and_ordered():
 
 
 def test_proc_kib(tmp_path):
-    from fbsemlib.training import memory
+    from fbsemlib.training.memory import child as memory
     f = tmp_path / "meminfo"
     f.write_text("MemTotal:       16000 kB\nMemAvailable:    8000 kB\nVmHWMish: 3 kB\nBroken:\n")
     assert memory.proc_kib(str(f), "MemAvailable") == 8000 * 1024

@@ -14,9 +14,10 @@ import torch
 import fbsemlib as fb
 from fbsemlib.training.checkpoint import atomic_torch_save, load_checkpoint
 from fbsemlib.config import ConfigError, from_dict
+from fbsemlib.data import PETBatch
 from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
 from fbsemlib.physics.forward_model import PETForwardModel
-from fbsemlib.training.trainers import (
+from fbsemlib.training import (
     EndToEndTrainer,
     SequentialTrainer,
     TrainConfig,
@@ -24,6 +25,7 @@ from fbsemlib.training.trainers import (
     TrainingError,
     epoch_permutation,
     load_trained,
+    make_trainer,
     parse_model_section,
 )
 
@@ -163,6 +165,43 @@ def test_epoch_permutation_deterministic():
     assert a != epoch_permutation(3, 1, 3, 10) or a != epoch_permutation(4, 1, 2, 10)
 
 
+def test_trainers_load_typed_batches_of_what_they_read():
+    from fbsemlib.training.loading import LoadedBatch, TrainingSamples, collate
+
+    ds, _ = data(1, 2)
+    item = TrainingSamples(ds, targets=1)[3]  # a sequential stage loads only its own target
+    assert isinstance(item, LoadedBatch) and isinstance(item, PETBatch) and item.index == 3
+    assert item.activity is None and item.brain_mask is None
+    assert torch.equal(item.targets[0], ds[3]["targets"][1]) and item.targets.shape[0] == 1
+    b = collate([TrainingSamples(ds, targets=None)[i] for i in (2, 0)])
+    assert b.targets is None and b.index.dtype == torch.int64 and b.index.tolist() == [2, 0]
+    assert torch.equal(b.y, torch.stack([ds[2]["y"], ds[0]["y"]]))
+    b = collate([TrainingSamples(ds)[i] for i in range(2)])
+    assert b.targets.shape[:2] == (2, ds[0]["targets"].shape[0]) and b.to("cpu").y.shape == b.y.shape
+
+
+def test_dataset_items_must_be_samples(tmp_path):
+    ds, _ = data(1, 2)
+    items = [{k: v for k, v in ds[i].items() if k != "mr"} for i in range(len(ds))]
+    with pytest.raises(TrainingError, match="training dataset's items are not samples.*mr"):
+        EndToEndTrainer(make_net(1, 2), TinyDataset(items, 1, 2), None, cfg(), tmp_path)
+    with pytest.raises(ConfigError, match="unknown training mode"):
+        make_trainer("greedy", make_net(1, 2), ds)
+
+
+def test_logged_nrmse_is_the_relative_error_of_the_whole_image():
+    """The trainers' ``nrmse`` is ``||x - t|| / ||t||`` as a fraction: the value of
+    ``metrics.nrmse(percent=False)`` without a mask, computed as ``sqrt(d / n)`` (the numbers
+    of every training log), not ``sqrt(d) / sqrt(n)``."""
+    from fbsemlib.training.base import relative_error
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.rand(3, 1, 1, 8, 8, generator=g), torch.rand(3, 1, 1, 8, 8, generator=g) + 0.5
+    e = relative_error(x, t)
+    assert e.shape == (3,) and torch.allclose(e.double(), fb.metrics.nrmse(x, t, percent=False).flatten().double(), rtol=1e-6)
+    assert torch.equal(relative_error(t, t), torch.zeros(3))
+
+
 # ----------------------------------------------------------------------------------------
 # sequential training: isolation of the modules, caches
 # ----------------------------------------------------------------------------------------
@@ -203,8 +242,8 @@ def test_sequential_freezes_other_modules_and_caches_are_exact(tmp_path, shared)
                 # recompute the inputs of stage k+1 by running modules 0..k again (eval mode)
                 net.eval()
                 with torch.no_grad():
-                    b = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
-                    ctx = net.prepare(b["y"], b["multiplicative"], b["additive"], b["mr"])
+                    b = PETBatch.from_mapping(torch.utils.data.default_collate([ds[i] for i in range(len(ds))]))
+                    ctx = net.prepare(b.y, b.multiplicative, b.additive, b.mr)
                     ref = net.run(ctx, modules=range(k + 1))
                 assert torch.allclose(X, ref, rtol=1e-5, atol=1e-6)
                 # the cached per-sample context of the next module equals prepare()'s

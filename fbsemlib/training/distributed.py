@@ -9,12 +9,12 @@ process ``r`` on GPU ``LOCAL_RANK``), runs the command and tears the group down:
     torchrun --nproc_per_node=2 -m fbsemlib train --config data/smoke.yaml --mode sequential \\
         --data DIR --out DIR
 
-Semantics (both trainers; :mod:`fbsemlib.training.trainers` calls the helpers below, which are
+Semantics (both trainers, :mod:`fbsemlib.training.base`, call the helpers below, which are
 no-ops in a single process):
 
 * **Batches.** ``train.batch_size`` is the batch of ONE process; the global batch is
   ``world_size * batch_size``. The data order of an epoch is the same permutation as in a
-  single process (:func:`fbsemlib.training.trainers.epoch_permutation`, independent of the number of
+  single process (:func:`fbsemlib.training.loading.epoch_permutation`, independent of the number of
   processes); it is cut into global batches and rank ``r`` takes the items ``r, r + W,
   r + 2W, ...`` of each (:func:`shard_batches`, the ``DistributedSampler`` interleaving). A
   W-process run with per-rank batch ``b`` therefore computes, up to floating-point
@@ -71,6 +71,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from fbsemlib.errors import UserError
 
 __all__ = [
     "launched",
@@ -197,8 +199,6 @@ def _timeout_s() -> float:
     except ValueError:
         v = -1.0
     if not v > 0:
-        from fbsemlib.errors import UserError
-
         raise UserError(f"{ENV_TIMEOUT} must be a positive number of seconds, got {raw!r}")
     return v
 
@@ -213,8 +213,6 @@ def init(device: str | torch.device | None = None) -> torch.device:
     if not launched() or _initialized():
         return dev
     if not torch.distributed.is_available():  # pragma: no cover
-        from fbsemlib.errors import UserError
-
         raise UserError("this PyTorch build has no torch.distributed: run without torchrun")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -580,8 +578,6 @@ def fault_callbacks() -> list[Callable[[str, dict], None]]:
         if what not in ("exit", "hang"):
             raise ValueError
     except ValueError:
-        from fbsemlib.errors import UserError
-
         raise UserError(f"{ENV_FAULT} must be 'exit:RANK:STEP' or 'hang:RANK:STEP', got {spec!r}") from None
 
     def cb(event: str, rec: dict) -> None:

@@ -1,0 +1,101 @@
+"""Files of a trained model: the names and formats in a training folder, writing the
+model file and :func:`load_trained`.
+
+A training folder (``out_dir``) holds ``model.pt`` (written at the end of training: the
+state dict, the configurations and the final metrics), ``checkpoint.pt`` (the last
+checkpoint, see :mod:`fbsemlib.training.base`) and ``metrics.json``. Both ``.pt`` files
+are ``torch.save`` of plain values and tensors (``weights_only``-loadable) with a
+``format`` name and a ``format_version``; a file of another version is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fbsemlib.config import diff, from_dict
+from fbsemlib.errors import UserError
+from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
+from fbsemlib.physics.cache import projector_from_spec, projector_spec
+from fbsemlib.provenance import versions
+from fbsemlib.training.checkpoint import atomic_torch_save, load_checkpoint
+from fbsemlib.training.config import TrainConfig
+from fbsemlib.training.device import resolve_device
+
+__all__ = ["CHECKPOINT_NAME", "MODEL_NAME", "CHECKPOINT_FORMAT", "MODEL_FORMAT", "FORMAT_VERSION", "save_model",
+           "load_trained"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"
+CHECKPOINT_FORMAT = "fbsemlib-train-checkpoint"
+MODEL_FORMAT = "fbsemlib-fbsem-model"
+FORMAT_VERSION = 1
+
+#: how :func:`fbsemlib.config.diff` words a checkpoint's configuration against today's
+CHECKPOINT_VS_NOW = ("checkpoint", "now")
+
+
+def save_model(path: str | os.PathLike, model: FBSEMNet, configs: dict, metrics: dict) -> Path:
+    """Write the model file (atomically): the state dict, ``configs`` (the run's
+    :meth:`~fbsemlib.training.base.Trainer.configs`), the software versions and ``metrics``."""
+    state = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "state_dict": model.state_dict(),
+             "configs": configs, "versions": versions(), "metrics": json.loads(json.dumps(metrics))}
+    return atomic_torch_save(state, path)
+
+
+def _read_model_file(path: Path) -> dict:
+    data = load_checkpoint(path)
+    if data.get("format") != MODEL_FORMAT:
+        raise UserError(f"{str(path)!r} is not an fbsemlib model file (format {data.get('format')!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{str(path)!r} has model format version {data.get('format_version')!r} (written by "
+                        f"fbsemlib {(data.get('versions') or {}).get('fbsemlib', '?')}); this fbsemlib reads "
+                        f"version {FORMAT_VERSION}")
+    return data
+
+
+def load_trained(out_dir: str | os.PathLike, device=None, allow_partial: bool = False, projector=None):
+    """Load a trained model from a training folder.
+
+    Returns ``(net, configs)``: the :class:`~fbsemlib.models.fbsem.FBSEMNet` (eval mode, on
+    ``device``) and a dict with ``model`` (:class:`ModelConfig`), ``train``
+    (:class:`TrainConfig`), ``mode``, ``data`` (recipe / geometry dicts), ``projector``,
+    ``structure``, ``metrics`` and ``versions``. Reads ``model.pt``; with
+    ``allow_partial`` an unfinished run's ``checkpoint.pt`` is used when there is no
+    ``model.pt``. The projector is the shared one of its geometry
+    (:func:`fbsemlib.physics.cache.projector_from_spec`: models of one geometry share it);
+    ``projector`` replaces it (it must have the same geometry)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise UserError(f"model folder {str(out)!r} does not exist")
+    dev = resolve_device(device)
+    mpath, cpath = out / MODEL_NAME, out / CHECKPOINT_NAME
+    if mpath.exists():
+        data = _read_model_file(mpath)
+        sd, cfgs, metrics = data["state_dict"], data["configs"], data.get("metrics")
+    elif allow_partial and cpath.exists():
+        data = load_checkpoint(cpath)
+        sd, cfgs, metrics = data["model_state"], data["configs"], None
+    else:
+        hint = " (training has not finished: resume it with `fbsem train ... --resume`)" if cpath.exists() else ""
+        raise UserError(f"no trained model in {str(out)!r}: {MODEL_NAME} is missing{hint}")
+    model_cfg = from_dict(ModelConfig, cfgs["model"], "model")
+    train_cfg = from_dict(TrainConfig, cfgs["train"], "train")
+    if projector is None:
+        P = projector_from_spec(cfgs["projector"], dev)
+    else:
+        P = projector
+        diffs = [d for d in diff(cfgs["projector"], projector_spec(projector), CHECKPOINT_VS_NOW, "projector")
+                 if not d.startswith("projector.backend")]
+        if diffs:
+            raise UserError("the given projector differs from the model's: " + "; ".join(diffs))
+    s = cfgs["structure"]
+    net = FBSEMNet(P, int(s["num_iterations"]), int(s["num_subsets"]), model_cfg)
+    net.load_state_dict(sd)
+    net.to(P.device)
+    net.eval()
+    configs = {"model": model_cfg, "train": train_cfg, "mode": cfgs.get("mode"), "data": cfgs.get("data", {}),
+               "projector": cfgs["projector"], "structure": s, "dataset_sizes": cfgs.get("dataset_sizes"),
+               "metrics": metrics, "versions": data.get("versions")}
+    return net, configs
