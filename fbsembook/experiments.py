@@ -4,15 +4,16 @@ Everything expensive is cached under :func:`fbsembook.profiles.cache_dir` by a h
 exactly the configuration it depends on:
 
 * :func:`dataset`   -- a simulated dataset (``data:`` recipe) in ``data/generated`` or
-  ``$FBSEM_DATA_DIR`` (see :func:`fbsemlib.data.simulate.cached_dataset`);
+  ``$FBSEM_DATA_DIR`` (see :func:`fbsemlib.data.cached_dataset`);
 * :func:`train`     -- a trained FBSEM-Net: key = recipe hash + ``model`` + ``train``
   (less its operational fields: checkpoint / log frequency, cache place, workers) + mode
   + seed; stored in ``<cache>/runs/<name>-<hash>/`` (the trainer's output folder);
 * :func:`evaluate`  -- the evaluation of a run against the baselines: key = run +
   baseline config; stored next to the run;
+* :func:`evaluate_fixed_strengths` -- baselines on another test split with given strengths;
 * :func:`baseline_sweep` -- the baseline strength sweep of one split.
 
-So rebuilding the book after a text edit retrains nothing, and changing a parameter
+:func:`method_mean` and :func:`method_std` read an evaluation's summary. So rebuilding the book after a text edit retrains nothing, and changing a parameter
 retrains only what depends on it. A run that was interrupted resumes from its checkpoint.
 
 Profiles are the experiment files ``data/{smoke,cpu,paper}.yaml``; :func:`load_profile`
