@@ -6,8 +6,11 @@ what is claimed, where, the book's rule (its thresholds are the named constants 
 :mod:`fbsembook.verdicts`, so the rule text and the verdict cannot disagree) and the
 chapters that show it. Each ``assess_*`` function turns the results of the book's runs
 into an :class:`Assessment`: this book's numbers as one line of text and the
-:class:`~fbsembook.verdicts.Verdict`. The chapters only call these and show the rows
-(:func:`claims_table`) and the take-aways (:func:`takeaway_lines`).
+:class:`~fbsembook.verdicts.Verdict`. The results chapter only calls these and shows the
+rows (:func:`claims_table`) and the take-aways (:func:`takeaway_lines`); the chapters that
+study one claim in depth summarise their own comparisons with :func:`consistency_summary`
+(chapter 5, claim a), :func:`generalisation_summary` (chapter 5, claim b) and
+:func:`networks_summary` (chapter 6, claim c).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ __all__ = [
     "claims_table",
     "verdict_counts",
     "takeaway_lines",
+    "consistency_summary",
+    "generalisation_summary",
+    "networks_summary",
 ]
 
 #: Test NRMSE (%) of the 2021 FBSEM-Net paper on its 2D BrainWeb data
@@ -240,3 +246,47 @@ def takeaway_lines(assessments: Sequence[Assessment], profile: str, machine: Map
     if n_seeds < 2:
         lines.append(f"- Claim (a) needs at least two training runs per setting; this profile trains {n_seeds}.")
     return lines
+
+
+# ----------------------------------------------------------------------------------------
+# the summaries of the chapters that study one claim
+# ----------------------------------------------------------------------------------------
+def consistency_summary(verdicts: Mapping[str, V.Verdict]) -> str:
+    """Claim (a) over several metrics (``metric -> verdict_consistency``), in words:
+    reproduced only when it is for every metric, not reproduced when for none."""
+    kinds = [v.verdict for v in verdicts.values()]
+    if V.NOT_TESTED in kinds:
+        return "cannot be assessed (fewer than two runs per setting)"
+    if all(k == V.REPRODUCED for k in kinds):
+        return f"reproduced (smaller across-run spread for {' and '.join(m.upper() for m in verdicts)})"
+    if all(k == V.NOT_REPRODUCED for k in kinds):
+        return "not reproduced"
+    return "partly reproduced (" + ", ".join(f"{m}: {v.verdict}" for m, v in verdicts.items()) + ")"
+
+
+def generalisation_summary(comparison: Mapping) -> str:
+    """Claim (b) from :func:`fbsembook.analysis.generalisation_verdict`, in words: lower error
+    on every out-of-distribution set (and on how many by more than the across-run spread),
+    on some, or on none."""
+    better, n = comparison["better"], comparison["n_sets"]
+    if better == n and n > 0:
+        return ("reproduced (lower error on every out-of-distribution set, on "
+                f"{comparison['better_beyond_spread']} of them by more than the across-run std)")
+    if better > 0:
+        return f"partly reproduced (lower error on {better} of {n} out-of-distribution sets)"
+    return "not reproduced"
+
+
+def networks_summary(nrmse_itdep: float, nrmse_shared: float, per_seed: Sequence[Mapping]) -> str:
+    """Claim (c) from the mean test NRMSE of iteration-dependent and shared networks and the
+    paired comparison of each seed (:func:`fbsembook.analysis.comparison_verdict`, ``a`` the
+    iteration-dependent network): reproduced when the mean is lower and every seed is better
+    (noting the seeds within 2 standard errors), partly when only the mean is lower."""
+    n = len(per_seed)
+    wins = sum(v["a_better"] for v in per_seed)
+    clear = sum(v["a_better"] and v["clear"] for v in per_seed)
+    if nrmse_itdep < nrmse_shared and wins == n:
+        return "reproduced" + ("" if clear == n else f" (but within 2 standard errors for {n - clear} of {n} seed(s))")
+    if nrmse_itdep < nrmse_shared:
+        return f"partly reproduced (lower mean NRMSE, but better for only {wins} of {n} seeds)"
+    return "not reproduced"

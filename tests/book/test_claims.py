@@ -101,3 +101,27 @@ def test_table_counts_and_takeaways():
     assert "accuracy claims (a, b, f, g)" in lines[5]
     assert lines[-1] == "- Claim (a) needs at least two training runs per setting; this profile trains 1."
     assert len(CL.takeaway_lines(assessments, "paper", machine, n_seeds=5)) == 5
+
+
+def test_the_summaries_of_chapters_5_and_6():
+    ok, partly, no = (V.Verdict(k, "") for k in (V.REPRODUCED, V.PARTLY, V.NOT_REPRODUCED))
+    assert CL.consistency_summary({"nrmse": ok, "ssim": ok}) == \
+        "reproduced (smaller across-run spread for NRMSE and SSIM)"
+    assert CL.consistency_summary({"nrmse": no, "ssim": no}) == "not reproduced"
+    assert CL.consistency_summary({"nrmse": ok, "ssim": partly}) == \
+        "partly reproduced (nrmse: reproduced, ssim: partly)"
+    assert CL.consistency_summary({"nrmse": ok, "ssim": V.Verdict(V.NOT_TESTED, "")}).startswith("cannot be assessed")
+
+    assert CL.generalisation_summary({"better": 3, "n_sets": 3, "better_beyond_spread": 1}) == (
+        "reproduced (lower error on every out-of-distribution set, on 1 of them by more than the across-run std)")
+    assert CL.generalisation_summary({"better": 1, "n_sets": 3}) == (
+        "partly reproduced (lower error on 1 of 3 out-of-distribution sets)")
+    assert CL.generalisation_summary({"better": 0, "n_sets": 3}) == "not reproduced"
+    assert CL.generalisation_summary({"better": 0, "n_sets": 0}) == "not reproduced"
+
+    seeds = [{"a_better": True, "clear": True}, {"a_better": True, "clear": False}]
+    assert CL.networks_summary(10.0, 10.5, seeds) == "reproduced (but within 2 standard errors for 1 of 2 seed(s))"
+    assert CL.networks_summary(10.0, 10.5, seeds[:1]) == "reproduced"
+    assert CL.networks_summary(10.0, 10.5, [seeds[0], {"a_better": False, "clear": False}]) == (
+        "partly reproduced (lower mean NRMSE, but better for only 1 of 2 seeds)")
+    assert CL.networks_summary(11.0, 10.5, seeds) == "not reproduced"
