@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
-from fbsemlib.evaluation.baselines import BaselineConfig, SweepResult
-from fbsemlib.evaluation.baselines import sweep as _sweep
 from fbsemlib.config import from_dict, load_experiment
+from fbsemlib.evaluation import BaselineConfig
+from fbsemlib.evaluation.baselines import SweepResult
+from fbsemlib.evaluation.baselines import sweep as _sweep
 
 __all__ = ["load_profile", "profile_path", "dataset", "train", "evaluate", "baseline_sweep", "config_hash",
            "named_run", "NAMED_RUNS", "baseline_config", "method_mean", "method_std", "evaluate_fixed_strengths",
