@@ -13,8 +13,9 @@ exactly the configuration it depends on:
 * :func:`evaluate_fixed_strengths` -- baselines on another test split with given strengths;
 * :func:`baseline_sweep` -- the baseline strength sweep of one split.
 
-:func:`method_mean` and :func:`method_std` read an evaluation's summary. So rebuilding the book after a text edit retrains nothing, and changing a parameter
+So rebuilding the book after a text edit retrains nothing, and changing a parameter
 retrains only what depends on it. A run that was interrupted resumes from its checkpoint.
+:func:`method_mean` and :func:`method_std` read an evaluation's summary.
 
 Profiles are the experiment files ``data/{smoke,cpu,paper}.yaml``; :func:`load_profile`
 reads one and applies dotted overrides (``{"train.epochs": 3, "model.shared": True}``).
