@@ -28,26 +28,16 @@ An optional image-space Gaussian PSF (``psf_fwhm_mm``) makes the operator ``A G`
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from fbsemlib.physics._joseph import AxialSegments, JosephSampler, OnTheFly, build_csr, csr_matmul
+from fbsemlib.physics._parallelproj import ParallelprojJoseph, parallelproj_available
 from fbsemlib.physics.geometry import ImageGrid, ParallelBeamGeometry, SinogramGeometry
 from fbsemlib.physics.operators import LinearOperator
 from fbsemlib.physics.psf import GaussianPSF
 from fbsemlib.physics.subsets import subset_slice
 
 __all__ = ["Projector", "parallelproj_available"]
-
-
-def parallelproj_available() -> bool:
-    """True when the ``parallelproj`` package can be imported."""
-    try:
-        importlib.import_module("parallelproj")
-        return True
-    except Exception:
-        return False
 
 
 class Projector(LinearOperator):
@@ -89,7 +79,8 @@ class Projector(LinearOperator):
         if backend == "auto":
             backend = "parallelproj" if parallelproj_available() else "torch"
         if backend == "parallelproj" and not parallelproj_available():
-            raise ImportError("backend='parallelproj' but parallelproj is not installed (conda install -c conda-forge parallelproj)")
+            raise ImportError("backend='parallelproj' but parallelproj is not installed (make parallelproj, "
+                              "or conda install -c conda-forge parallelproj)")
         self.sinogram = sinogram
         self.grid = grid
         self.backend = backend
@@ -101,6 +92,7 @@ class Projector(LinearOperator):
         self.psf = GaussianPSF(grid, psf_fwhm_mm, device=self._device) if psf_fwhm_mm else None
         self._endpoints = None  # every bin's (start, end), built when a path needs them
         self._sampler_obj = None
+        self._pp = None
         self._matrices: dict = {}
         self._subset_cache: dict = {}
         self._otf = None
@@ -163,6 +155,13 @@ class Projector(LinearOperator):
         if self._sampler_obj is None:
             self._sampler_obj = JosephSampler(self._start, self._end, self.grid)
         return self._sampler_obj
+
+    @property
+    def _parallelproj(self) -> ParallelprojJoseph:
+        """The same Joseph operator by parallelproj's kernels (built on first use)."""
+        if self._pp is None:
+            self._pp = ParallelprojJoseph(self._sampler)
+        return self._pp
 
     def lor_endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Start and end points (mm) of every bin, each ``(planes, views, radial, 3)`` as (x, y, z)."""
@@ -230,7 +229,7 @@ class Projector(LinearOperator):
         """``A x`` (no PSF) of a batch ``(N, *in_shape)``."""
         N = x.shape[0]
         if self.backend == "parallelproj":
-            y = _pp_forward(self, x)
+            y = self._parallelproj.forward(x)
         elif self.method == "matrix":
             A, _, _ = self._csr(x.dtype)
             y = csr_matmul(A, x.reshape(N, -1))
@@ -244,7 +243,7 @@ class Projector(LinearOperator):
         """``A^T y`` (no PSF) of a batch ``(N, *out_shape)``."""
         N = y.shape[0]
         if self.backend == "parallelproj":
-            x = _pp_adjoint(self, y)
+            x = self._parallelproj.adjoint(y.reshape(N, -1))
         elif self.method == "matrix":
             _, At, _ = self._csr(y.dtype)
             x = csr_matmul(At, y.reshape(N, -1))
@@ -286,41 +285,3 @@ class _LineIntegrals(LinearOperator):
 
     def _adjoint(self, y):
         return self.projector._line_integral_adjoint(y)
-
-
-# ----------------------------------------------------------------------------------------
-# parallelproj backend
-# ----------------------------------------------------------------------------------------
-def _pp_geometry(P: Projector, dtype, device):
-    key = ("pp", dtype, str(device))
-    if key not in P._matrices:
-        xs = P._start.reshape(-1, 3).to(dtype).to(device).contiguous()
-        xe = P._end.reshape(-1, 3).to(dtype).to(device).contiguous()
-        g = P.grid
-        origin = torch.tensor(g.origin_mm[::-1], dtype=dtype, device=device)  # (x, y, z)
-        vox = torch.tensor(g.voxel_size_mm[::-1], dtype=dtype, device=device)
-        P._matrices[key] = (xs, xe, origin, vox)
-    return P._matrices[key]
-
-
-def _pp_forward(P: Projector, x: torch.Tensor) -> torch.Tensor:
-    import parallelproj
-
-    xs, xe, origin, vox = _pp_geometry(P, torch.float32, x.device)
-    out = []
-    for img in x:
-        img_xyz = img.permute(2, 1, 0).to(torch.float32).contiguous()  # (x, y, z)
-        out.append(parallelproj.joseph3d_fwd(xs, xe, img_xyz, origin, vox).to(x.dtype))
-    return torch.stack(out)
-
-
-def _pp_adjoint(P: Projector, y: torch.Tensor) -> torch.Tensor:
-    import parallelproj
-
-    xs, xe, origin, vox = _pp_geometry(P, torch.float32, y.device)
-    shape_xyz = tuple(P.grid.shape[::-1])
-    out = []
-    for s in y:
-        b = parallelproj.joseph3d_back(xs, xe, shape_xyz, origin, vox, s.reshape(-1).to(torch.float32).contiguous())
-        out.append(b.permute(2, 1, 0).to(y.dtype))
-    return torch.stack(out)
