@@ -4,8 +4,6 @@ Everything runs on tiny in-memory datasets (24 x 24 images, the ``tiny2d`` scann
 with the forward model and OSEM, so these tests do not depend on the simulation code."""
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
