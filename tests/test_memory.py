@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from fbsemlib.cli import UserError, main
+from fbsemlib.cli import main
 from fbsemlib.cli.memory import cmd_memory
+from fbsemlib.errors import UserError
 from fbsemlib.training.memory import (
     MemoryReport,
     SavedTensorTracker,
