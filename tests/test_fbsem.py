@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import fbsemlib as fb
+from conftest import requires_cuda
 from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
 from fbsemlib.models.losses import relative_mse, target_weights, unrolled_loss
 from fbsemlib.physics.forward_model import PETForwardModel
@@ -98,7 +99,7 @@ def test_training_reduces_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.3 * losses[0]
 
 
@@ -131,3 +132,41 @@ def test_bad_inputs():
         net(y, mult, add, None)
     with pytest.raises(ValueError, match="mr must have shape"):
         net(y, mult, add, mr[..., :5])
+
+
+def test_to_moves_the_projector_with_the_parameters():
+    P, fm, x, mr, mult, add, ybar, y = _problem(B=1)
+    torch.manual_seed(3)
+    net = FBSEMNet(P, 1, 2, ModelConfig(width=4, depth=2, batch_norm=False))
+    assert net.to("cpu") is net and net.projector is P  # already there: the same projector
+    net.cpu()
+    assert net.projector is P and net.subset_model(1).projector is P.subset(1, 2)
+    out32 = net(y, mult, add, mr)
+    net.to(torch.float64)  # the projector works in every float dtype: it stays
+    assert net.projector is P and net.rho.dtype == torch.float64
+    out64 = net(y.double(), mult.double(), add.double(), mr.double())
+    assert out64.dtype == torch.float64 and torch.allclose(out64.float(), out32, rtol=1e-4, atol=1e-5)
+    net.float()
+    assert torch.equal(net(y, mult, add, mr), out32)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_round_trip_moves_the_projector():
+    P, fm, x, mr, mult, add, ybar, y = _problem(B=1)
+    torch.manual_seed(3)
+    net = FBSEMNet(P, 1, 2, ModelConfig(width=4, depth=2, batch_norm=False))
+    with torch.no_grad():
+        ref = net(y, mult, add, mr)
+    net.cuda()
+    assert net.projector.device.type == "cuda" and net.subset_model(0).projector.device.type == "cuda"
+    Pc = net.projector
+    net.to("cuda")
+    assert net.projector is Pc  # no rebuild when it is already there
+    with torch.no_grad():
+        out = net(y.cuda(), mult.cuda(), add.cuda(), mr.cuda())
+    assert out.device.type == "cuda" and torch.allclose(out.cpu(), ref, rtol=1e-4, atol=1e-5)
+    net.to("cpu")
+    assert net.projector.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.allclose(net(y, mult, add, mr), ref, rtol=1e-6, atol=1e-7)

@@ -6,7 +6,7 @@ import torch
 
 import fbsemlib as fb
 from fbsemlib.physics.forward_model import PETForwardModel, attenuation_factors, normalisation_factors, poisson_log_likelihood
-from fbsemlib.recon.em import fuse, fusion_objective
+from fbsemlib.recon.em import em_fusion_step, em_update, fuse, fusion_objective
 from fbsemlib.recon.algorithms import map_em, mlem, osem, postfilter
 
 
@@ -98,6 +98,32 @@ def test_map_em_beta_zero_is_osem(setup):
             raise AssertionError("not called for beta = 0")
 
     assert torch.allclose(map_em(model, y, Dummy(), 0.0, 2, 4), osem(model, y, 2, 4))
+
+
+def test_em_fusion_step_is_em_then_fuse(setup):
+    """One step: the EM update (x / s * A^T(m y / ybar), 0 where s = 0), then the fusion with
+    the regulariser's image and strength; no regulariser: the EM update itself; detach_em:
+    gradients reach x through the regulariser only."""
+    _, _, _, model, _, y = setup
+    x = mlem(model, y, 2)
+    s = model.sensitivity(y)
+    ybar = model.expected(x)
+    ref = torch.where(s > 0, x * model.linear_adjoint(y / ybar) / torch.where(s > 0, s, 1.0), 0.0)
+    x_em = em_update(model, x, y, s)
+    assert torch.allclose(x_em, ref, rtol=1e-12) and torch.equal(em_update(model, x, y), x_em)
+    assert torch.equal(em_fusion_step(model, x, y, s), x_em)
+    assert torch.equal(mlem(model, y, 1, x0=x), x_em)
+    x_reg, gamma = 0.9 * x + 0.1, torch.tensor(3.0, dtype=x.dtype)
+    assert torch.equal(em_fusion_step(model, x, y, s, lambda z: (x_reg, gamma)), fuse(x_em, x_reg, s, gamma))
+    xg = x.clone().requires_grad_(True)
+    for detach in (True, False):
+        out = em_fusion_step(model, xg, y, s, lambda z: (0.5 * z, gamma), detach_em=detach)
+        assert torch.allclose(out, fuse(x_em, 0.5 * x, s, gamma), rtol=1e-12)
+        g, = torch.autograd.grad(out.sum(), xg)
+        if detach:
+            g_reg = g
+        else:
+            assert not torch.allclose(g, g_reg)  # the EM update contributes only when not detached
 
 
 def test_fusion_is_maximiser_and_limits():

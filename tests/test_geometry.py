@@ -71,6 +71,41 @@ def test_subset_views_partition():
         g.subset(4, 4)
 
 
+def test_one_subset_rule_for_views_and_sinograms():
+    """Subset m of M is views m, m + M, ...: the same views for the geometry's indices, a
+    sinogram-shaped tensor, the forward model's factors and FBSEM-Net's data index."""
+    from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
+    from fbsemlib.physics.subsets import sinogram_subset, sinogram_subset_index, subset_slice, subset_views
+
+    g = fb.sinogram_preset("tiny2d")
+    V = g.num_views
+    assert subset_slice(2, 5, V) == slice(2, None, 5)
+    t = torch.arange(V, dtype=torch.float32)[None, None, None, :, None].expand(2, 1, 1, V, 3)  # value: the view
+    for m, M in ((0, 1), (0, 3), (2, 3), (4, 5)):
+        views = subset_views(np.arange(V), m, M)
+        assert views.tolist() == list(range(m, V, M)) == g.subset(m, M).view_indices.tolist()
+        sub = sinogram_subset(t, m, M)
+        assert sub.data_ptr() == t[..., m, :].data_ptr()  # a view, not a copy
+        assert sub[0, 0, 0, :, 0].tolist() == views.tolist()
+        assert torch.equal(t[sinogram_subset_index(m, M, V)], sub)
+    assert sinogram_subset(None, 1, 3) is None
+    P = fb.Projector(g, fb.ImageGrid((1, 8, 8), (2.0, 12.0, 12.0)), backend="torch")
+    model = fb.PETForwardModel(P, t[..., :1].expand(2, 1, 1, V, P.out_shape[2]).contiguous())
+    net = FBSEMNet(P, 1, 3, ModelConfig(width=2, depth=2, use_mr=False))
+    for m in range(3):
+        expect = torch.tensor(list(range(m, V, 3)), dtype=torch.float32)
+        assert torch.equal(model.subset(m, 3).multiplicative[0, 0, 0, :, 0], expect)
+        assert torch.equal(net.subset_model(m, model.multiplicative).multiplicative[0, 0, 0, :, 0], expect)
+        assert torch.equal(model.multiplicative[net.subset_slice(m)][0, 0, 0, :, 0], expect)
+        assert net.subset_model(m).projector is model.subset(m, 3).projector is P.subset(m, 3)
+    assert model.subset(0, 1).projector is P
+    for bad in ((3, 3), (-1, 3), (0, 0), (0, V + 1), (0.0, 2)):
+        with pytest.raises(ValueError, match="subset|num_subsets"):
+            subset_slice(*bad, V)
+        with pytest.raises(ValueError, match="subset|num_subsets"):
+            model.subset(*bad)
+
+
 def test_roundtrip_dict():
     g = fb.sinogram_preset("small3d")
     assert sinogram_geometry_from_dict(g.to_dict()) == g
