@@ -89,26 +89,18 @@ class LinearOperator(abc.ABC):
         return adjointness_error(self, dtype=dtype, batch=batch, seed=seed)
 
 
-class _ForwardFn(torch.autograd.Function):
+class _LinearFn(torch.autograd.Function):
+    """``A x`` (or ``A^T x`` with ``adjoint``) whose gradient is the other one: the
+    vector-Jacobian product of a linear map is its adjoint applied to the incoming gradient."""
+
     @staticmethod
-    def forward(ctx, x, op):
-        ctx.op = op
-        return op._apply(x)
+    def forward(ctx, x, op, adjoint: bool):
+        ctx.op, ctx.adjoint = op, adjoint
+        return op._adjoint(x) if adjoint else op._apply(x)
 
     @staticmethod
     def backward(ctx, g):
-        return _AdjointFn.apply(g.contiguous(), ctx.op), None
-
-
-class _AdjointFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, op):
-        ctx.op = op
-        return op._adjoint(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _ForwardFn.apply(g.contiguous(), ctx.op), None
+        return _LinearFn.apply(g.contiguous(), ctx.op, not ctx.adjoint), None, None
 
 
 def _apply_batched(op: LinearOperator, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
@@ -119,8 +111,7 @@ def _apply_batched(op: LinearOperator, x: torch.Tensor, adjoint: bool) -> torch.
     xf = x.reshape((-1,) + tuple(shape_in))
     if not xf.is_contiguous():
         xf = xf.contiguous()
-    fn = _AdjointFn if adjoint else _ForwardFn
-    out = fn.apply(xf, op)
+    out = _LinearFn.apply(xf, op, adjoint)
     return out.reshape(tuple(lead) + tuple(shape_out))
 
 
