@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fbsemlib.provenance import is_int
+
 __all__ = [
     "nrmse",
     "psnr",
@@ -56,7 +58,7 @@ def _tensor(x, name: str) -> torch.Tensor:
 
 
 def _ndims(x: torch.Tensor, image_dims: int) -> int:
-    if isinstance(image_dims, bool) or not isinstance(image_dims, int) or image_dims < 1:
+    if not is_int(image_dims) or image_dims < 1:
         raise ValueError(f"image_dims must be a positive integer, got {image_dims!r}")
     return min(image_dims, x.ndim)
 
