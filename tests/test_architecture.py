@@ -15,7 +15,7 @@ PKG = ROOT / "fbsemlib"
 
 #: sub-package -> layer; a module may import only from its own layer or lower ones
 LAYERS = {
-    "errors": 0, "config": 0, "provenance": 0, "metrics": 0, "_version": 0,
+    "errors": 0, "config": 0, "provenance": 0, "_version": 0,
     "physics": 1, "recon": 2, "models": 3, "data": 4, "training": 5, "evaluation": 6, "cli": 7,
 }
 MAX_LINES = 600
@@ -139,7 +139,7 @@ def _definitions(pattern_names: set[str]) -> dict[str, list[str]]:
 
 
 def test_one_nrmse():
-    """The normalised root-mean-square error is defined once (``fbsemlib.metrics.nrmse``);
+    """The normalised root-mean-square error is defined once (``fbsemlib.evaluation.metrics.nrmse``);
     everything else calls it."""
     defs = _definitions({"nrmse", "_nrmse", "mean_nrmse", "nrmse_curve"})
     assert [len(defs[n]) for n in ("nrmse", "_nrmse", "mean_nrmse")] == [1, 0, 0], defs

@@ -45,6 +45,8 @@ def shared_projector(geometry, grid: ImageGrid, *, device: str | torch.device = 
     """The process-wide projector for this geometry, grid, PSF, backend and device (built on
     first use). ``options`` are passed to :class:`Projector` and are part of the key."""
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" are the same device
+        dev = torch.device("cuda", torch.cuda.current_device())
     key = _key(geometry, grid, backend, dev, psf_fwhm_mm, options)
     with _lock:
         P = _cache.get(key)
