@@ -201,3 +201,145 @@ def test_cuda_tensors_through_dlpack():
     assert _close(yg.cpu(), T(x))
     s = torch.rand(2, *Qc.out_shape)
     assert _close(Qg.adjoint(s.cuda()).cpu(), T.adjoint(s))
+
+
+# ------------------------------------------------------------------------------- parity
+# The kernels compute sample positions in float32 from coordinates of up to Rv voxels (the largest
+# LOR endpoint coordinate in voxel units), so every position carries an error of a few float32
+# ulps of Rv: delta = 4 eps Rv voxels (eps = 2^-23). A sample of an image whose neighbouring
+# voxels differ by at most 2 max|x| then moves by at most 2 max|x| delta, and a LOR's samples
+# (one per plane, weight = step) add up to its chord through the image box grown by the one
+# voxel a sample can reach beyond it:
+#     per LOR:    |A_pp x - A_torch x|_i <= chord_i * 2 max|x| * delta
+#     per voxel:  |A_pp^T y - A_torch^T y|_j <= (largest column sum of A around j) * 2 max|y| * delta
+# (a position error moves at most a fraction delta of a sample's weight between neighbouring
+# voxels). The measured worst case is 0.02 to 0.1 of these bounds; each convention difference
+# the backend removes (field-of-view edge, principal-axis ties) exceeds them (tested below).
+EPS32 = float(np.finfo(np.float32).eps)
+
+PARITY_CASES = {
+    # the 2D mMR of the benchmarks and the book: 172 x 172 voxels of 2.086 mm, 252 x 345 bins
+    "mmr2d": (lambda: fb.sinogram_preset("mmr2d"), (1, 172, 172), (2.031, 2.086, 2.086)),
+    # an image box wider than the inscribed circle: LOR endpoints inside the box's corners
+    "small2d": (lambda: fb.sinogram_preset("small2d"), (1, 64, 64), (2.0, 4.0, 4.0)),
+    # 3D, 8 rings, ring differences up to 3 (oblique planes), isotropic voxels
+    "small3d": (lambda: fb.sinogram_preset("small3d"), (8, 48, 48), (4.0, 4.0, 4.0)),
+    # 3D, anisotropic voxels (z half the ring spacing, as for the 3D mMR), 7 rings, differences <= 6
+    "small3d-aniso": (lambda: fb.sinogram_preset("small3d", num_rings=7, max_ring_difference=6), (14, 40, 40),
+                      (2.0, 4.5, 4.5)),
+}
+
+
+def _parity_case(name):
+    make, shape, vox = PARITY_CASES[name]
+    sino, grid = make(), fb.ImageGrid(shape, vox)
+    return sino, grid, fb.Projector(sino, grid, backend="parallelproj"), fb.Projector(sino, grid, backend="torch")
+
+
+def _delta_voxels(sino, grid) -> float:
+    from fbsemlib.physics._joseph import to_index_coords
+
+    s, e = sino.lor_endpoints()
+    return 4 * EPS32 * float(torch.cat([to_index_coords(s, grid), to_index_coords(e, grid)]).abs().max())
+
+
+def _chord_mm(sino, grid, margin_voxels: float = 1.0) -> torch.Tensor:
+    """Length (mm) of every LOR inside the image box grown by ``margin_voxels`` on each side."""
+    s, e = (t.reshape(-1, 3).numpy()[:, ::-1] for t in sino.lor_endpoints())  # (z, y, x)
+    o, v, n = np.asarray(grid.origin_mm), np.asarray(grid.voxel_size_mm), np.asarray(grid.shape)
+    lo, hi = o - (0.5 + margin_voxels) * v, o + (n - 0.5 + margin_voxels) * v
+    d = e - s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (lo - s) / d, (hi - s) / d
+    flat, inside = d == 0, (s >= lo) & (s <= hi)
+    tmin = np.where(flat, np.where(inside, -np.inf, np.inf), np.minimum(t1, t2)).max(1).clip(0, 1)
+    tmax = np.where(flat, np.where(inside, np.inf, -np.inf), np.maximum(t1, t2)).min(1).clip(0, 1)
+    return torch.from_numpy(np.maximum(tmax - tmin, 0) * np.linalg.norm(d, axis=1)).reshape(sino.shape)
+
+
+def _lor_violations(Q, T, sino, grid, x) -> torch.Tensor:
+    """Per LOR: |difference| / bound (> 1 violates)."""
+    bound = _chord_mm(sino, grid) * 2 * float(x.abs().max()) * _delta_voxels(sino, grid)
+    return (Q(x) - T(x)).abs() / (bound + 1e-30)
+
+
+def _voxel_violations(Q, T, sino, grid, y) -> torch.Tensor:
+    col = T.adjoint(torch.ones(sino.shape))
+    col_near = torch.nn.functional.max_pool3d(col[None], 3, stride=1, padding=1)[0]
+    bound = col_near * 2 * float(y.abs().max()) * _delta_voxels(sino, grid)
+    return (Q.adjoint(y) - T.adjoint(y)).abs() / (bound + 1e-30)
+
+
+@pytest.mark.parametrize("name", list(PARITY_CASES))
+def test_parity_per_lor_and_per_voxel(name):
+    sino, grid, Q, T = _parity_case(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(grid.shape, generator=g)
+    y = torch.rand(sino.shape, generator=g)
+    fwd, adj = _lor_violations(Q, T, sino, grid, x), _voxel_violations(Q, T, sino, grid, y)
+    assert float(fwd.max()) <= 1, f"{int((fwd > 1).sum())} LORs outside the float32 bound (worst {float(fwd.max()):.2f})"
+    assert float(adj.max()) <= 1, f"{int((adj > 1).sum())} voxels outside the float32 bound (worst {float(adj.max()):.2f})"
+    # and overall: relative L2 differences at float32 level (measured 3e-7 to 1.1e-6)
+    assert float((Q(x) - T(x)).norm() / T(x).norm()) < 1e-5
+    assert float((Q.adjoint(y) - T.adjoint(y)).norm() / T.adjoint(y).norm()) < 1e-5
+
+
+def test_parity_at_the_field_of_view_edge():
+    """An image that is zero but for its outermost voxels: the difference the kernels alone
+    show (they clip samples at the outer voxel faces, torch keeps the half-voxel ramp beyond)."""
+    sino, grid, Q, T = _parity_case("mmr2d")
+    x = torch.rand(grid.shape, generator=torch.Generator().manual_seed(1))
+    x[:, 1:-1, 1:-1] = 0
+    assert float(_lor_violations(Q, T, sino, grid, x).max()) <= 1
+    assert float((Q(x) - T(x)).norm() / T(x).norm()) < 1e-5
+    # the kernels without the zero voxel around the image are far outside the bound
+    pp = Q._parallelproj
+    pp.padded_shape, pp._inner, pp._origin, pp._on = grid.shape, (slice(None),) * 4, grid.origin_mm, {}
+    assert float(_lor_violations(Q, T, sino, grid, x).max()) > 10
+
+
+def test_parity_of_45_degree_lors(monkeypatch):
+    """LORs whose principal axis is a near tie: torch's axis for all of them, and without the
+    settling the kernels' rounding picks the other axis for some, far outside the bound."""
+    sino, grid, Q, T = _parity_case("small2d")
+    x = torch.rand(grid.shape, generator=torch.Generator().manual_seed(2))
+    assert Q._parallelproj.settled_ties > 0
+    assert float(_lor_violations(Q, T, sino, grid, x).max()) <= 1
+    import fbsemlib.physics._parallelproj as backend
+
+    monkeypatch.setattr(backend, "_settle_ties", lambda start, end, want: 0)
+    unsettled = fb.Projector(sino, grid, backend="parallelproj")
+    assert float(_lor_violations(unsettled, T, sino, grid, x).max()) > 10
+
+
+def test_one_slice_image_off_centre():
+    """A 2D grid whose slice is not at the LORs' z: torch treats it as 2D (no z weight), and so
+    does the backend (the LORs are handed over through the slice centre)."""
+    sino = fb.sinogram_preset("tiny2d")
+    grid = fb.ImageGrid((1, 16, 16), (4.0, 9.0, 9.0), origin_mm=(1.5, -67.5, -67.5))
+    Q, T = fb.Projector(sino, grid, backend="parallelproj"), fb.Projector(sino, grid, backend="torch")
+    x = torch.rand(1, *grid.shape)
+    assert _close(Q(x), T(x))
+
+
+@pytest.mark.parametrize("name, views", [("mmr2d", None), ("small3d", None), ("small3d-aniso", (1, 8)),
+                                         ("odd-half-ring", None)])
+def test_lor_endpoints_match_regular_polygon_lor_descriptor(name, views):
+    """fbsemlib's sinogram bins are parallelproj's RegularPolygonPETLORDescriptor bins (with the
+    options of parallelproj_lor_descriptor). parallelproj computes the crystal positions in
+    float32, angles up to 2 pi included: an error up to about 2 pi eps R, twice that allowed."""
+    pytest.importorskip("parallelproj.pet_lors", reason="the parallelproj Python package is not installed")
+    from fbsemlib.physics._parallelproj import parallelproj_lor_descriptor
+
+    if name == "odd-half-ring":  # n / 2 odd: the other zig-zag
+        sino = fb.SinogramGeometry(fb.RingScanner(100.0, 10, 5, 5.0, num_rings=3), radial_trim=5)
+    else:
+        sino = PARITY_CASES[name][0]()
+    if views is not None:
+        sino = sino.subset(*views)
+    start, end = parallelproj_lor_descriptor(sino).get_lor_coordinates(
+        views=None if sino.views is None else np.asarray(sino.views))
+    S, E = sino.lor_endpoints()
+    assert start.shape == tuple(S.shape) and end.shape == tuple(E.shape)
+    tol = 2 * 2 * np.pi * EPS32 * sino.scanner.radius_mm / np.cos(np.pi / sino.scanner.num_sides)
+    assert np.abs(start - S.numpy()).max() <= tol and np.abs(end - E.numpy()).max() <= tol

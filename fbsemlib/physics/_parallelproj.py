@@ -21,15 +21,14 @@ compute the torch operator (the choices below are ours, not parallelproj's or th
   box) still gets its linear share. The image is handed to the kernels with one zero voxel on
   each side (none along z for a one-slice image): inside that larger box the kernels' samples
   are exactly torch's.
-* **Principal-axis ties** (LORs at 45 degrees). torch takes the largest extent in voxels,
-  decided in float64, x before y before z on a tie; the kernels take the largest squared cosine
-  in float32, preferring their axis 1, then 2, then 0. The kernels get the axes in the order
-  ``(z, x, y)`` (so their tie rule is torch's: x, y, z), the image transposed to match (within
-  the one copy that pads it), and the endpoints of near-tie LORs are moved by a few float32 ulps
-  so that the kernels' rounding cannot pick another axis than torch (:func:`_settle_ties`).
-  With anisotropic voxels torch compares extents in voxels and the kernels in mm: a LOR nearly
-  as steep axially as transaxially can still get another principal axis (not in any preset
-  geometry: the torch segments path excludes such LORs).
+* **Principal-axis ties** (LORs at about 45 degrees). torch takes the largest extent in voxels,
+  decided in float64, x before y before z on a tie; the kernels take the largest squared cosine,
+  in float32, preferring their axis 1, then 2, then 0. Near ties are decided by rounding, and
+  the Joseph sums along x and along y differ by up to a few 1e-3. The endpoints of near-tie
+  LORs are moved by a few float32 ulps so that the kernels pick torch's axis
+  (:func:`_settle_ties`). With anisotropic voxels torch compares extents in voxels and the
+  kernels in mm: a LOR nearly as steep axially as transaxially can still get another principal
+  axis (not in any preset geometry: the torch segments path excludes such LORs).
 * **One-slice images.** torch treats them as 2D (no z interpolation); the LORs are handed to
   the kernels through the slice centre, where their z interpolation has weight 1.
 
@@ -47,7 +46,7 @@ import torch
 
 from fbsemlib.physics._joseph import JosephSampler
 
-__all__ = ["ParallelprojJoseph", "parallelproj_available", "parallelproj_info"]
+__all__ = ["ParallelprojJoseph", "parallelproj_available", "parallelproj_info", "parallelproj_lor_descriptor"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,23 +87,46 @@ def parallelproj_info() -> dict:
     return info
 
 
+def parallelproj_lor_descriptor(sinogram, xp=np, dev: str = "cpu"):
+    """parallelproj's ``RegularPolygonPETLORDescriptor`` of a ring
+    :class:`~fbsemlib.physics.geometry.SinogramGeometry`: the same LOR endpoints bin for bin
+    (up to parallelproj's float32 arithmetic), layout ``(planes, views, radial)``.
+
+    fbsemlib's bin ``(view v, radial r)`` of ``n`` crystals per ring joins crystals
+    ``floor(j / 2) - v`` and ``-1 - ceil(j / 2) - v`` (``j = r + radial_trim``). parallelproj
+    (2.0.1) anchors view 0's central bin on crystals ``(0, n / 2)``; its ``view_direction=MINUS``
+    with ``view0_shift = c // 2`` and the ``START_FIRST`` zig-zag when ``c = n / 2 - 1`` is odd,
+    ``END_FIRST`` when it is even, gives fbsemlib's pairs. Needs the parallelproj package."""
+    from parallelproj import pet_lors as L
+    from parallelproj.pet_scanners import RegularPolygonPETScannerGeometry
+
+    sc = sinogram.scanner
+    scanner = RegularPolygonPETScannerGeometry(
+        xp, dev, radius=sc.radius_mm, num_sides=sc.num_sides, symmetry_axis=2,
+        ring_positions=xp.asarray(sc.ring_positions_mm, dtype=xp.float32, device=dev),
+        num_lor_endpoints_per_side=sc.crystals_per_side, lor_spacing=sc.crystal_spacing_mm)
+    c = sc.num_crystals_per_ring // 2 - 1
+    return L.RegularPolygonPETLORDescriptor(
+        scanner, L.Michelogram(sc.num_rings, sinogram.max_ring_difference), radial_trim=sinogram.radial_trim,
+        sinogram_order=L.SinogramSpatialAxisOrder.PVR, view_direction=L.ViewDirection.MINUS, view0_shift=c // 2,
+        zig_zag_order=L.SinogramZigZagOrder.START_FIRST if c % 2 else L.SinogramZigZagOrder.END_FIRST)
+
+
 def _float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a C-contiguous float32 tensor outside autograd (a copy only when needed)."""
     return t.detach().to(torch.float32).contiguous()
 
 
-#: the kernels' axes 0, 1, 2 are the grid's axes (z, x, y) (grid axes: 0 = z, 1 = y, 2 = x)
-_AXES = (0, 2, 1)
 #: a near tie of two axes' extents (relative, squared) that rounding may decide either way
 _TIE_BAND = 1e-4
 
 
 def _settle_ties(start: np.ndarray, end: np.ndarray, want: np.ndarray) -> int:
-    """Move, in place, the end points of the LORs whose principal axis is a near tie so that
+    """Move, in place, the endpoints of the LORs whose principal axis is a near tie so that
     parallelproj's float32 rule (largest squared extent) picks ``want`` (the torch sampler's
     choice) with a margin no rounding can overturn; returns how many LORs moved.
 
-    ``start``, ``end``: float32 ``(L, 3)`` in kernel axis order; ``want``: ``(L,)`` kernel axes.
+    ``start``, ``end``: float32 ``(L, 3)``, ``want``: ``(L,)``, in the grid's axis order (z, y, x).
     The kernel compares ``fl(d_k^2) / fl(sum)``: a margin of 4 ulps between the squared extents
     survives those roundings. A rival axis within ``_TIE_BAND`` of the wanted one has its extent
     shortened about the LOR's midpoint by a few ulps (a few 1e-7 relative: the float32 precision
@@ -147,17 +169,16 @@ class ParallelprojJoseph:
             raise ImportError("parallelproj is not installed: `make parallelproj` builds it into .venv "
                               "(or conda install -c conda-forge parallelproj)")
         self.module, self.api, self.grid = module, api, sampler.grid
+        # the kernels get the grid's (z, y, x) axes as their axes 0, 1, 2, and the image with one
+        # zero voxel on each side (none along z for a one-slice image: its LORs lie in the slice)
         g = sampler.grid
-        shape, vox, origin = ([v[k] for k in _AXES] for v in (g.shape, g.voxel_size_mm, g.origin_mm))
-        # one zero voxel on each side, none along z for a one-slice image (its LORs lie in the slice)
         self.pad = (1 if g.shape[0] > 1 else 0, 1, 1)
-        self.padded_shape = tuple(n + 2 * p for n, p in zip(shape, self.pad))
-        self._inner = tuple(slice(p, p + n) for p, n in zip(self.pad, shape))
-        self._origin = tuple(o - p * v for o, p, v in zip(origin, self.pad, vox))
-        self._voxel = tuple(vox)
-        # endpoints in mm, kernel axis order, from the sampler's index coordinates
-        o, v = np.asarray(origin), np.asarray(vox)
-        c0, d = sampler.c0.numpy()[:, _AXES], sampler.d.numpy()[:, _AXES]
+        self.padded_shape = tuple(n + 2 * p for n, p in zip(g.shape, self.pad))
+        self._inner = (slice(None),) + tuple(slice(p, p + n) for p, n in zip(self.pad, g.shape))
+        self._origin = tuple(o - p * v for o, p, v in zip(g.origin_mm, self.pad, g.voxel_size_mm))
+        # endpoints in mm from the sampler's index coordinates
+        o, v = np.asarray(g.origin_mm), np.asarray(g.voxel_size_mm)
+        c0, d = sampler.c0.numpy(), sampler.d.numpy()
         if g.shape[0] == 1:  # a one-slice image is a 2D image: its LORs run through the slice centre
             c0, d = c0.copy(), d.copy()
             c0[:, 0] = d[:, 0] = 0.0
@@ -165,8 +186,8 @@ class ParallelprojJoseph:
         end = np.ascontiguousarray(o + (c0 + d) * v, dtype=np.float32)
         want = np.empty(sampler.num_lors, dtype=np.int64)
         for axis, ids in sampler.groups:
-            want[ids.numpy()] = _AXES.index(axis)
-        #: LORs whose end point was moved by a few ulps to settle a principal-axis tie
+            want[ids.numpy()] = axis
+        #: LORs whose endpoints were moved by a few ulps to settle a principal-axis tie
         self.settled_ties = _settle_ties(start, end, want)
         self._start, self._end = torch.from_numpy(start), torch.from_numpy(end)
         self.num_lors = sampler.num_lors
@@ -180,7 +201,7 @@ class ParallelprojJoseph:
                 raise ValueError("CUDA tensors need parallelproj built with CUDA (these kernels are CPU only)")
             f32 = dict(dtype=torch.float32, device=device)
             self._on = {key: (self._start.to(device), self._end.to(device),
-                              torch.tensor(self._origin, **f32), torch.tensor(self._voxel, **f32))}
+                              torch.tensor(self._origin, **f32), torch.tensor(self.grid.voxel_size_mm, **f32))}
         return self._on[key]
 
     @staticmethod
@@ -191,8 +212,7 @@ class ParallelprojJoseph:
         """``x``: ``(N, Z, Y, X)`` -> ``(N, num_lors)``."""
         xs, xe, origin, vox = self._geometry(x.device)
         img = torch.zeros((x.shape[0],) + self.padded_shape, dtype=torch.float32, device=x.device)
-        # the one copy: (z, y, x) -> (z, x, y), padded, float32
-        img[(slice(None),) + self._inner] = x.detach().transpose(-1, -2)
+        img[self._inner] = x.detach()  # the one copy: padded, float32, contiguous
         if self.api == 1:
             out = torch.stack([self.module.joseph3d_fwd(xs, xe, im, origin, vox) for im in img])
         else:
@@ -213,4 +233,4 @@ class ParallelprojJoseph:
             dev = self._device_id(y.device)
             for v, im in zip(vals, img):
                 self.module.joseph3d_back(xs, xe, im, origin, vox, v, dev)
-        return img[(slice(None),) + self._inner].transpose(-1, -2).to(y.dtype)
+        return img[self._inner].to(y.dtype)

@@ -1,9 +1,11 @@
 """Scanner, sinogram and image-grid geometry.
 
 Conventions follow parallelproj 2.x (``RegularPolygonPETScannerGeometry`` with
-``symmetry_axis=2``, clockwise endpoint ordering, ``RegularPolygonPETLORDescriptor``
-with span 1 and the END_FIRST zig-zag), so that a sinogram computed by either backend
-means the same thing bin for bin.
+``symmetry_axis=2`` and clockwise endpoint ordering, ``RegularPolygonPETLORDescriptor``
+with span 1), so that a sinogram computed by either backend means the same thing bin for
+bin; parallelproj 2.0.1 anchors its views elsewhere by default, and
+:func:`fbsemlib.physics._parallelproj.parallelproj_lor_descriptor` gives the descriptor
+options that reproduce these bins (tested against it).
 
 World coordinates are in mm, ``(x, y, z)`` with z the scanner (axial) axis and the
 origin at the scanner centre.
