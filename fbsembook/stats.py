@@ -376,7 +376,9 @@ def holm(p_values, alpha: float = 0.05):
     (from 0) of m is multiplied by ``m - i``, made non-decreasing and capped at 1. Returns
     ``(adjusted, rejected)`` in the input's order (lists, or dicts for a mapping): a null is
     rejected when its adjusted p-value is below ``alpha``, which controls the family-wise
-    error at ``alpha`` under any dependence between the tests."""
+    error at ``alpha`` under any dependence between the tests. The family is the
+    confirmatory claims; a claim labelled *exploratory* instead (e.g. on test sets of the
+    book's own choosing) stays out of it and is reported unadjusted, with that label."""
     keys = list(p_values) if isinstance(p_values, Mapping) else None
     p = np.asarray([p_values[k] for k in keys] if keys is not None else list(p_values), dtype=float)
     if np.isnan(p).any() or ((p < 0) | (p > 1)).any():
