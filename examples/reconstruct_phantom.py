@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import fbsemlib as fb
+from fbsemlib.evaluation.baselines import beta_scale
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--counts", type=float, default=3e5, help="expected true counts in the sinogram")
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--subsets", type=int, default=6)
-    ap.add_argument("--beta", type=float, default=0.05, help="Bowsher MAP-EM strength (absolute)")
+    ap.add_argument("--beta", type=float, default=3e-4,
+                    help="Bowsher MAP-EM strength, relative to the data's sensitivity / activity scale")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # reconstructions (scaled back to activity units by the same factor)
     x_osem = fb.osem(model, y, args.iterations, args.subsets)
     prior = fb.BowsherPrior(subject.mr[None], num_neighbours=4)
-    x_map = fb.map_em(model, y, prior, args.beta, args.iterations, args.subsets)
+    beta = args.beta * beta_scale(model, y, args.subsets)  # the same pull at any count level
+    x_map = fb.map_em(model, y, prior, beta, args.iterations, args.subsets)
 
     mask = subject.brain_mask[None]
     scores = {name: float(fb.metrics.nrmse(x, x_true, mask))

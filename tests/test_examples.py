@@ -21,7 +21,7 @@ def _load(name: str):
 
 
 def test_reconstruct_phantom_map_em_beats_osem(capsys):
-    scores = _load("reconstruct_phantom").main(["--counts", "3e5", "--iterations", "3"])
+    scores = _load("reconstruct_phantom").main(["--counts", "3e5"])
     assert set(scores) == {"OSEM", "MAP-EM (Bowsher)"}
     assert all(np.isfinite(v) and 0 < v < 100 for v in scores.values())
     assert scores["MAP-EM (Bowsher)"] < scores["OSEM"]  # the MR-guided prior removes noise
