@@ -15,7 +15,7 @@ PKG = ROOT / "fbsemlib"
 
 #: sub-package -> layer; a module may import only from its own layer or lower ones
 LAYERS = {
-    "errors": 0, "config": 0, "provenance": 0, "_version": 0,
+    "errors": 0, "config": 0, "provenance": 0, "_version": 0, "outputs": 0,
     "physics": 1, "recon": 2, "models": 3, "data": 4, "training": 5, "evaluation": 6, "cli": 7,
 }
 MAX_LINES = 600

@@ -16,8 +16,9 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 from fbsemlib.errors import UserError
+from fbsemlib.outputs import DISK_ERRNOS
 
-__all__ = ["main", "build_parser", "Command", "UserError"]
+__all__ = ["main", "build_parser", "Command", "UserError", "failure_message"]
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,11 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 def _add_reconstruct(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--sinogram", required=True, help="HDF5 / .npy / .pt file with the sinogram (and factors)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output .npy file (default: <sinogram>_fbsem.npy next to the input)")
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--unit-factors", action="store_true",
+                   help="the input has no factors: take multiplicative = 1 and additive = 0")
 
 
 def _add_memory(p: argparse.ArgumentParser) -> None:
@@ -110,22 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure a user can cause or fix ends as one line
+    ``error: ...`` and exit status 2 (:func:`failure_message`); Ctrl-C is exit 130; anything
+    else is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = all_commands()[args.command]
     try:
         fn = getattr(importlib.import_module(command.module), command.function)
         rc = fn(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (UserError, OSError, MemoryError) as e:
+        print(f"error: {failure_message(e)}", file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+def failure_message(e: BaseException) -> str:
+    """The one line printed for an expected failure: a :class:`UserError`'s message, a
+    file-system error in words (no space, read-only, permissions: nothing was changed),
+    or memory exhaustion."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, MemoryError):
+        return "out of memory: reduce the sizes in the configuration (image_shape, batch_size, num_modules)"
+    where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+    reason = DISK_ERRNOS.get(e.errno or -1) or e.strerror or str(e)
+    return f"{reason}{':' if where else ''}{where}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fbsemlib.data import DatasetError
 from fbsemlib.errors import UserError
-from fbsemlib.evaluation.evaluator import evaluate, print_summary, write_evaluation
+from fbsemlib.evaluation.evaluator import evaluate, prepare_evaluation_folder, print_summary, write_evaluation
 from fbsemlib.evaluation.user_data import reconstruct_file
 
 
@@ -15,6 +15,7 @@ def cmd_evaluate(args) -> int:
     out = args.out or args.model
     if not Path(args.model).is_dir():
         raise UserError(f"model folder {args.model!r} does not exist")
+    prepare_evaluation_folder(out)  # before the work: a folder that cannot take the results is refused now
     try:
         res = evaluate(args.model, args.data, device=args.device, progress=True)
     except DatasetError as e:
@@ -26,6 +27,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    out = reconstruct_file(args.model, args.sinogram, args.out, args.device)
+    out = reconstruct_file(args.model, args.sinogram, args.out, args.device, overwrite=args.overwrite,
+                           unit_factors=args.unit_factors)
     print(f"wrote {out}")
     return 0

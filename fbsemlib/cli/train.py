@@ -14,11 +14,12 @@ from fbsemlib.config import ConfigError, from_dict, load_experiment
 from fbsemlib.data import DataConfig, DatasetError, PETDataset, cached_dataset, open_dataset
 from fbsemlib.errors import UserError
 from fbsemlib.models.fbsem import FBSEMNet
+from fbsemlib.outputs import check_output_folder
 from fbsemlib.training import distributed as _dist
 from fbsemlib.training import make_trainer
 from fbsemlib.training.config import TrainConfig, TrainingDiverged, parse_model_section
 from fbsemlib.training.device import resolve_device
-from fbsemlib.training.model_io import CHECKPOINT_NAME
+from fbsemlib.training.model_io import CHECKPOINT_NAME, MODEL_NAME, RUN_FILES
 
 __all__ = ["cmd_train"]
 
@@ -51,6 +52,9 @@ def cmd_train(args) -> int:
         args.device = _dist.device_for(args.device)  # cuda -> cuda:LOCAL_RANK
         return _dist.run(cmd_train, args, device=args.device)
     sections = load_experiment(args.config)
+    out = Path(args.out)
+    if _dist.is_rank0():  # the output-folder rule before any work (the trainer applies it again, under its lock)
+        check_output_folder(out, "training run", RUN_FILES)
     model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
     train_cfg = from_dict(TrainConfig, sections.get("train", {}), "train")
     if args.seed is not None:
@@ -79,8 +83,7 @@ def cmd_train(args) -> int:
     projector = train_ds.make_projector(dev)
     torch.manual_seed(train_cfg.seed)
     net = FBSEMNet(projector, int(its), int(subs), model_cfg)
-    out = Path(args.out)
-    if args.resume and not (out / CHECKPOINT_NAME).exists() and _dist.is_rank0():
+    if args.resume and not (out / CHECKPOINT_NAME).exists() and not (out / MODEL_NAME).exists() and _dist.is_rank0():
         print(f"no checkpoint in {str(out)!r}: starting a new run", file=sys.stderr)
     trainer = make_trainer(mode, model=net, train_dataset=train_ds, val_dataset=val_ds, config=train_cfg,
                            out_dir=out, device=dev, progress=progress, callbacks=_dist.fault_callbacks())

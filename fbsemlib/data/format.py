@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fbsemlib.config import ConfigError, diff, from_dict
+from fbsemlib.errors import UserError
 from fbsemlib.data.recipe import DataConfig
 from fbsemlib.data.schema import (
     FORMAT_NAME,
@@ -39,6 +40,7 @@ from fbsemlib.data.schema import (
 )
 from fbsemlib.physics.cache import shared_projector
 from fbsemlib.physics.geometry import ImageGrid, sinogram_geometry_from_dict
+from fbsemlib.outputs import atomic_write_text
 from fbsemlib.provenance import json_default, versions
 
 __all__ = [
@@ -53,12 +55,28 @@ __all__ = [
     "subject_attrs",
     "write_subject",
     "is_complete_subject_file",
+    "is_dataset_manifest",
+    "DATASET_FILES",
     "manifest_files",
     "write_manifest",
 ]
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder is missing, incomplete, corrupted or incompatible."""
+
+
+#: what a dataset folder may hold (the output-folder rule, :func:`fbsemlib.outputs.check_output_folder`)
+DATASET_FILES = (MANIFEST, MANIFEST + ".part", "subject-*.h5", "subject-*.h5.part", "recipe.json")
+
+
+def is_dataset_manifest(folder: Path) -> bool:
+    """Whether ``folder/manifest.json`` is an fbsemlib dataset manifest (valid JSON naming
+    this format, whatever its version): what makes a folder recognisably a dataset."""
+    try:
+        m = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT_NAME
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -449,6 +467,4 @@ def manifest_files(folder: Path, split_of: dict[int, str]) -> tuple[dict, dict]:
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Write ``folder/manifest.json`` (via a ``.part`` file): what makes a folder a dataset,
     so it is written last, once every subject file is complete."""
-    part = folder / (MANIFEST + ".part")
-    part.write_text(json.dumps(manifest, indent=1, default=json_default) + "\n")
-    os.replace(part, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, default=json_default) + "\n")

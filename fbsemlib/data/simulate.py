@@ -75,11 +75,14 @@ import torch
 from scipy import ndimage
 
 from fbsemlib.config import ConfigError
+from fbsemlib.errors import UserError
 from fbsemlib.data.format import (
     DatasetError,
     DatasetInfo,
     dumps,
+    DATASET_FILES,
     is_complete_subject_file,
+    is_dataset_manifest,
     library_versions,
     manifest_files,
     subject_attrs,
@@ -91,6 +94,7 @@ from fbsemlib.data.format import (
 from fbsemlib.data.phantoms import make_subject
 from fbsemlib.data.recipe import DataConfig, recipe_hash
 from fbsemlib.data.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, SUBJECT_FILE
+from fbsemlib.outputs import check_output_folder
 from fbsemlib.physics.cache import shared_projector
 from fbsemlib.physics.forward_model import PETForwardModel, attenuation_factors, normalisation_factors
 from fbsemlib.physics.psf import FWHM_TO_SIGMA, gaussian_filter
@@ -341,16 +345,19 @@ def simulate_subject(ctx: SimulationContext, subject: int, split: str) -> dict:
 # the dataset folder
 # ----------------------------------------------------------------------------------------
 def _check_out(out: Path, h: str, overwrite: bool) -> DatasetInfo | None:
-    """Decide what to do with an existing ``out``; returns a reusable dataset or None."""
-    if not out.exists():
+    """Apply the output-folder rule to ``out``; returns a reusable dataset or None (write).
+
+    ``overwrite`` replaces only a folder recognisably a dataset (its manifest names this
+    format); anything else is refused whatever the flag."""
+    try:
+        state = check_output_folder(out, "dataset", DATASET_FILES)
+    except UserError as e:
+        raise ConfigError(str(e)) from None  # simulate_dataset's errors stay ConfigErrors (ValueErrors)
+    if state != "own":
         return None
-    if not out.is_dir():
-        raise ConfigError(f"output path {str(out)!r} exists and is not a folder")
-    if not (out / MANIFEST).exists():
-        if any(out.iterdir()):
-            raise ConfigError(f"output folder {str(out)!r} exists, is not empty and is not a dataset: refusing to "
-                              f"write there (choose another --out)")
-        return None
+    if not is_dataset_manifest(out):
+        raise ConfigError(f"output folder {str(out)!r} is not an fbsemlib dataset (no {MANIFEST} of this format): "
+                          "refusing to write there, --overwrite included; choose another --out")
     if overwrite:
         return None
     try:

@@ -36,9 +36,11 @@ from fbsemlib.evaluation import metrics
 from fbsemlib.evaluation.baselines import METHODS as BASELINE_METHODS
 from fbsemlib.evaluation.baselines import BaselineConfig, reconstruct, sweep
 from fbsemlib.training import load_trained
-from fbsemlib.training.checkpoint import atomic_write_json, atomic_write_text
+from fbsemlib.outputs import atomic_write_json, atomic_write_text, check_output_folder, ensure_writable
+from fbsemlib.training.model_io import RUN_FILES
 
-__all__ = ["evaluate", "lesion_metrics", "white_matter_mask", "summarise", "write_evaluation", "print_summary"]
+__all__ = ["evaluate", "lesion_metrics", "white_matter_mask", "summarise", "prepare_evaluation_folder", "write_evaluation",
+           "print_summary"]
 
 METRIC_KEYS = ("nrmse", "psnr", "ssim", "crc_hot", "crc_cold", "bv_wm")
 
@@ -205,9 +207,17 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
             "time_s": time.time() - t0}
 
 
+def prepare_evaluation_folder(out_dir) -> Path:
+    """Check, before any work, that ``out_dir`` may receive an evaluation (the output-folder
+    rule: new, empty, a training run or an evaluation) and can be written."""
+    check_output_folder(out_dir, "training run or evaluation", RUN_FILES)
+    return ensure_writable(out_dir, "the evaluation folder")
+
+
 def write_evaluation(result: dict, out_dir) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """``evaluation.json`` and ``evaluation.csv`` in ``out_dir`` (atomic; the folder rule of
+    :func:`prepare_evaluation_folder`)."""
+    out = prepare_evaluation_folder(out_dir)
     jpath = atomic_write_json(out / "evaluation.json", result)
     cols = ["method", "strength", "sample", "subject", "image", "realisation", *METRIC_KEYS]
     lines = [",".join(cols)]

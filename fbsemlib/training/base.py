@@ -50,6 +50,7 @@ from fbsemlib.config import ConfigError, diff, from_dict
 from fbsemlib.data.batch import PETBatch
 from fbsemlib.models.fbsem import FBSEMNet
 from fbsemlib.models.losses import target_weights, unrolled_loss
+from fbsemlib.outputs import FolderLock, check_output_folder
 from fbsemlib.physics.cache import projector_spec
 from fbsemlib.provenance import versions
 from fbsemlib.training import distributed as _dist
@@ -57,7 +58,7 @@ from fbsemlib.training.checkpoint import atomic_torch_save, atomic_write_json, a
 from fbsemlib.training.config import OPERATIONAL_FIELDS, TrainConfig, TrainingDiverged, TrainingError
 from fbsemlib.training.device import same_device
 from fbsemlib.training.loading import LoadedBatch, TrainingSamples, batches, collate, dataset_info
-from fbsemlib.training.model_io import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VS_NOW, FORMAT_VERSION, MODEL_NAME, save_model
+from fbsemlib.training.model_io import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VS_NOW, FORMAT_VERSION, MODEL_NAME, RUN_FILES, save_model
 from fbsemlib.training.optim import make_optimizer
 from fbsemlib.training.runlog import RunLog, yaml_text
 
@@ -321,11 +322,17 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train (or, with ``resume``, continue from ``out_dir/checkpoint.pt`` when it exists)
         and return the final metrics (also written to ``out_dir/metrics.json``)."""
+        try:
+            ck, done = _dist.rank0_call(lambda: self._resume_point(resume))  # several processes: rank 0's, broadcast
+            if done is not None:
+                self.model.load_state_dict(ck["model_state"])
+                return done
+            return self._fit(ck)
+        finally:
+            self._unlock()
+
+    def _fit(self, ck: dict | None) -> dict:
         out = self.out_dir
-        ck, done = _dist.rank0_call(lambda: self._resume_point(resume))  # several processes: rank 0's, broadcast
-        if done is not None:
-            self.model.load_state_dict(ck["model_state"])
-            return done
         kinds = ("step", "epoch", "stage") if self.mode == "sequential" else ("step", "epoch")
         self._log = RunLog(out, kinds, self.config.tensorboard, purge_step=None if ck is None
                            else ck["counters"]["global_step"], enabled=self._rank0)
@@ -365,19 +372,33 @@ class Trainer:
 
     def _resume_point(self, resume: bool) -> tuple[dict | None, dict | None]:
         """``(checkpoint to resume from or None, metrics of an already finished run or
-        None)``; creates the output folder. Run by rank 0 only in a multi-process run."""
+        None)``; applies the output-folder rule, creates and locks the output folder. Run by
+        rank 0 only in a multi-process run.
+
+        A finished run (``model.pt``) is never overwritten: without ``resume`` any run in the
+        folder is refused, with it the run continues from its checkpoint, and a model without
+        a checkpoint is refused (there is nothing to continue)."""
         out = self.out_dir
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_folder(out, "training run", RUN_FILES)
+        self._lock = FolderLock(out, "training folder").acquire()
         ckpt_path = out / CHECKPOINT_NAME
         ck = None
         if resume and ckpt_path.exists():
             ck = self._load_resume()
             if ck.get("finished") and (out / "metrics.json").exists() and (out / MODEL_NAME).exists():
                 return ck, json.loads((out / "metrics.json").read_text())
+        elif resume and (out / MODEL_NAME).exists():
+            raise TrainingError(f"{str(out)!r} holds a finished model ({MODEL_NAME}) but no {CHECKPOINT_NAME}: there "
+                                "is nothing to resume and the model is not overwritten; choose another output folder")
         elif not resume and (ckpt_path.exists() or (out / MODEL_NAME).exists()):
             raise TrainingError(f"{str(out)!r} already holds a training run; resume it (--resume / fit(resume=True)) "
                                 "or choose another output folder")
         return ck, None
+
+    def _unlock(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
 
     def _release(self) -> None:
         pass

@@ -1,7 +1,7 @@
 """Crash-safe files and random-number-generator states for training runs.
 
-* :func:`atomic_write_bytes` / :func:`atomic_torch_save` write to a temporary file in the
-  destination folder, ``fsync`` it, then ``os.replace`` it over the destination (and
+* :func:`atomic_torch_save` (and the helpers of :mod:`fbsemlib.outputs`, re-exported here)
+  write to a temporary file in the destination folder, ``fsync`` it, then ``os.replace`` it over the destination (and
   ``fsync`` the folder), so a reader sees either the old complete file or the new
   complete file, never a partial one. If anything fails before the replace (a crash in
   ``torch.save``, a full disk, a kill), the previous file is untouched and the temporary
@@ -16,71 +16,23 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fbsemlib.provenance import json_default
+from fbsemlib.outputs import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "load_checkpoint",
            "rng_state", "set_rng_state"]
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync, replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)``, atomically (see the module docstring)."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -66,7 +66,7 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
             except Exception:  # tensorboard not installed
                 warnings.warn("train.tensorboard is true but TensorBoard is not installed (pip install tensorboard); "
-                              "logging to CSV / JSON only", stacklevel=3)
+                              "logging to CSV / JSON only", stacklevel=4)
             else:
                 self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
