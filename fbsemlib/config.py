@@ -11,11 +11,13 @@ An experiment file is a YAML mapping of *sections*::
       ...
 
 :func:`load_experiment` reads the file and returns the sections as a plain ``dict``; it
-validates nothing inside them (every section belongs to the code that reads it) and
-keeps sections it does not know. Each consumer turns its section into its own
+validates nothing inside them (every section belongs to the code that reads it), but a
+section name outside :data:`SECTIONS` is an error with a "did you mean" hint (a misspelt
+``Model:`` or ``trian:`` would otherwise leave the defaults in force). Each consumer turns its section into its own
 dataclass with :func:`from_dict`, which
 
-* rejects unknown keys with a message naming the key and the section,
+* rejects unknown keys with a message naming the key, the section and the closest
+  allowed key (:func:`did_you_mean`),
 * converts YAML values to the annotated field types (lists -> tuples, ``1e6`` written
   without a dot, which YAML reads as a string, -> float, nested dataclasses),
 * rejects values of the wrong type (``num_subjects: "ten"``), and
@@ -44,18 +46,42 @@ import yaml
 
 from fbsemlib.errors import UserError
 
-__all__ = ["ConfigError", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
+__all__ = ["ConfigError", "SECTIONS", "did_you_mean", "unknown_key_error", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
 
 
 class ConfigError(UserError, ValueError):
     """A configuration file or section is invalid (printed by the CLI, exit status 2)."""
 
 
+#: the sections of an experiment file and who reads them: ``data`` (the simulation recipe),
+#: ``model`` and ``train`` (training), ``baselines`` (evaluation), ``memory`` (``fbsem memory``)
+SECTIONS = ("data", "model", "train", "baselines", "memory")
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``name`` (case-insensitively), or ``""``."""
+    import difflib
+
+    choices = [str(c) for c in choices]
+    by_lower = {c.lower(): c for c in choices}
+    if str(name).lower() in by_lower:
+        return f" (did you mean {by_lower[str(name).lower()]!r}?)"
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+def unknown_key_error(key, section: str, allowed) -> ConfigError:
+    """The error for key ``key`` that section ``section`` does not have."""
+    allowed = sorted(allowed)
+    return ConfigError(f"unknown key {key!r} in section {section!r}{did_you_mean(key, allowed)} "
+                       f"(allowed keys: {', '.join(allowed)})")
+
+
 def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
     """Read an experiment YAML file and return its sections ``{name: mapping}``.
 
-    Every top-level value must be a mapping (or empty, which gives ``{}``). Sections are
-    returned as they are (unknown sections are kept for other consumers)."""
+    Every top-level value must be a mapping (or empty, which gives ``{}``) named in
+    :data:`SECTIONS`; the sections are returned as they are."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
@@ -78,6 +104,9 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
     for name, section in doc.items():
         if not isinstance(name, str):
             raise ConfigError(f"config file {str(p)!r}: section names must be strings, got {name!r}")
+        if name not in SECTIONS:
+            raise ConfigError(f"config file {str(p)!r}: unknown section {name!r}{did_you_mean(name, SECTIONS)} "
+                              f"(sections: {', '.join(SECTIONS)})")
         if section is None:
             section = {}
         if not isinstance(section, dict):
@@ -243,8 +272,7 @@ def from_dict(cls, d: Mapping[str, Any] | None, section_name: str):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in d if k not in fields]
     if unknown:
-        k = unknown[0]
-        raise ConfigError(f"unknown key {k!r} in section {section_name!r} (allowed keys: {', '.join(sorted(fields))})")
+        raise unknown_key_error(unknown[0], section_name, fields)
     try:
         hints = typing.get_type_hints(cls)
     except Exception:  # pragma: no cover - unresolved forward references

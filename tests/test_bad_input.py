@@ -186,3 +186,120 @@ def test_read_only_output_folder(tmp_path, capsys):  # pragma: no cover - CI run
         assert rc == 2
     finally:
         ro.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------------------
+# issue 13, class 2: nothing silent (a misspelt section, missing factors, a damaged model,
+# a non-finite image, an output name that is not what is written)
+# ----------------------------------------------------------------------------------------
+def _sections_file(tmp_path, rename: dict | None = None, **changes) -> str:
+    sections = yaml.safe_load((ROOT / "data" / "smoke.yaml").read_text())
+    for old, new in (rename or {}).items():
+        sections[new] = sections.pop(old)
+    for k, v in changes.items():
+        sec, key = k.split(".")
+        sections[sec][key] = v
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump(sections))
+    return str(p)
+
+
+SILENT_CONFIG_CASES = [
+    ("capitalised section", {"model": "Model"}, {}, r"unknown section 'Model' \(did you mean 'model'\?\)"),
+    ("misspelt section", {"train": "trian"}, {}, r"unknown section 'trian' \(did you mean 'train'\?\)"),
+    ("misspelt train key", None, {"train.epochz": 3}, r"unknown key 'epochz' in section 'train' \(did you mean 'epochs'\?\)"),
+    ("misspelt model key", None, {"model.widht": 3}, r"unknown key 'widht' in section 'model' \(did you mean 'width'\?\)"),
+    ("misspelt data key", None, {"data.num_subject": 3}, r"did you mean 'num_subjects'\?"),
+]
+
+
+@pytest.mark.parametrize("case", SILENT_CONFIG_CASES, ids=[c[0] for c in SILENT_CONFIG_CASES])
+def test_misspelt_config_is_an_error_with_a_hint(case, tmp_path, capsys):
+    import re
+
+    _, rename, changes, match = case
+    out = tmp_path / "run"
+    rc = main(["train", "--config", _sections_file(tmp_path, rename, **changes), "--data", str(tmp_path / "nodata"),
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and re.search(match, err), err
+    assert "Traceback" not in err and not out.exists()
+
+
+def _scan_file(smoke_dataset, path: Path, keys=("y", "multiplicative", "additive", "mr"), **replace) -> Path:
+    import h5py
+
+    item = PETDataset_item(smoke_dataset)
+    with h5py.File(path, "w") as h:
+        for k in keys:
+            h[k] = replace.get(k, item[k].numpy())
+    return path
+
+
+def PETDataset_item(smoke_dataset):
+    return fb.PETDataset(smoke_dataset, "test")[0]
+
+
+def test_reconstruct_requires_the_factors_or_an_explicit_flag(smoke_model, smoke_dataset, tmp_path, capsys):
+    scan = _scan_file(smoke_dataset, tmp_path / "scan.h5", keys=("y", "additive", "mr"))
+    out = tmp_path / "x.npy"
+    assert main(["reconstruct", "--model", str(smoke_model), "--sinogram", str(scan), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'multiplicative' missing" in err and "--unit-factors" in err and not out.exists()
+    assert main(["reconstruct", "--model", str(smoke_model), "--sinogram", str(scan), "--out", str(out),
+                 "--unit-factors"]) == 0
+    assert np.isfinite(np.load(out)).all()
+
+
+def _flip_tensor_bytes(model_file: Path) -> None:
+    """Flip bytes inside the largest tensor record of a torch zip file (not its metadata)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(model_file) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(model_file.read_bytes())
+    n, m = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + n + m + info.file_size // 2
+    for i in range(start, start + 8):
+        raw[i] ^= 0xFF
+    model_file.write_bytes(bytes(raw))
+
+
+def test_a_model_file_with_flipped_bytes_is_refused(smoke_model, smoke_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_model, run)
+    _flip_tensor_bytes(run / "model.pt")
+    scan = _scan_file(smoke_dataset, tmp_path / "scan.h5")
+    out = tmp_path / "x.npy"
+    rc = main(["reconstruct", "--model", str(run), "--sinogram", str(scan), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "corrupted" in err and "Traceback" not in err, err
+    assert not out.exists()
+    rc = main(["evaluate", "--model", str(run), "--data", str(smoke_dataset), "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "corrupted" in err
+
+
+def test_a_non_finite_reconstruction_is_not_written(smoke_model, smoke_dataset, tmp_path, capsys, monkeypatch):
+    scan = _scan_file(smoke_dataset, tmp_path / "scan.h5")
+    out = tmp_path / "x.npy"
+    out_before = tmp_path / "keep.npy"
+    np.save(out_before, np.zeros(3))
+    monkeypatch.setattr(FBSEMNet, "forward", lambda self, y, *a, **k: torch.full(
+        (y.shape[0], 1) + tuple(self.projector.in_shape), float("nan")))
+    for target, flags in ((out, []), (out_before, ["--overwrite"])):
+        rc = main(["reconstruct", "--model", str(smoke_model), "--sinogram", str(scan), "--out", str(target), *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and "not finite" in err and "nothing was written" in err
+    assert not out.exists() and np.array_equal(np.load(out_before), np.zeros(3))
+
+
+def test_reconstruct_out_names_exactly_the_file_written(smoke_model, smoke_dataset, tmp_path, capsys):
+    scan = _scan_file(smoke_dataset, tmp_path / "scan.h5")
+    rc = main(["reconstruct", "--model", str(smoke_model), "--sinogram", str(scan), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "must end in .npy" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.npy").exists()
+    rc = main(["reconstruct", "--model", str(smoke_model), "--sinogram", str(scan), "--out", str(tmp_path / "x.npy")])
+    assert rc == 0 and f"wrote {tmp_path / 'x.npy'}" in capsys.readouterr().out

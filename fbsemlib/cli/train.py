@@ -55,6 +55,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if _dist.is_rank0():  # the output-folder rule before any work (the trainer applies it again, under its lock)
         check_output_folder(out, "training run", RUN_FILES)
+    if "data" in sections:  # checked even when --data replaces it: a misspelt recipe is never silently ignored
+        from_dict(DataConfig, sections["data"], "data")
     model_cfg, n_it, n_sub = parse_model_section(sections.get("model"))
     train_cfg = from_dict(TrainConfig, sections.get("train", {}), "train")
     if args.seed is not None:

@@ -26,7 +26,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fbsemlib.config import ConfigError, from_dict, to_dict
+from fbsemlib.config import ConfigError, from_dict, to_dict, unknown_key_error
 from fbsemlib.errors import UserError
 from fbsemlib.models.fbsem import ModelConfig
 from fbsemlib.provenance import is_int, is_number
@@ -168,6 +168,5 @@ def parse_model_section(d: dict | None) -> tuple[ModelConfig, int | None, int | 
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     unknown = [k for k in d if k not in fields]
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in section 'model' (allowed keys: "
-                          f"{', '.join(sorted(fields + list(_MODEL_SCHEDULE_KEYS)))})")
+        raise unknown_key_error(unknown[0], "model", fields + list(_MODEL_SCHEDULE_KEYS))
     return from_dict(ModelConfig, d, "model"), schedule.get("num_iterations"), schedule.get("num_subsets")
