@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
 
     net, info = fb.load_trained(args.model, device="cpu")
     with h5py.File(args.sinogram, "r") as f:
-        d = {k: torch.from_numpy(np.asarray(f[k][()], dtype=np.float32))[None] for k in f}
+        # (planes, views, radial) and (Z, Y, X) arrays -> (batch 1, channel 1, ...) tensors
+        d = {k: torch.from_numpy(np.asarray(f[k][()], dtype=np.float32))[None, None] for k in f}
     with torch.no_grad():
         x_net = net(d["y"], d["multiplicative"], d["additive"], d.get("mr") if net.config.use_mr else None)
     model = fb.PETForwardModel(net.projector, d["multiplicative"], d["additive"])
