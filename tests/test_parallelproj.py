@@ -343,3 +343,30 @@ def test_lor_endpoints_match_regular_polygon_lor_descriptor(name, views):
     assert start.shape == tuple(S.shape) and end.shape == tuple(E.shape)
     tol = 2 * 2 * np.pi * EPS32 * sino.scanner.radius_mm / np.cos(np.pi / sino.scanner.num_sides)
     assert np.abs(start - S.numpy()).max() <= tol and np.abs(end - E.numpy()).max() <= tol
+
+
+# ------------------------------------------------------------------------- backend="auto"
+def test_auto_picks_by_the_measured_rule(monkeypatch):
+    """backend="auto" (the projector docstring's table): the torch sparse products wherever
+    their matrices exist (12x to 35x faster than parallelproj's CPU kernels), parallelproj
+    instead of the torch on-the-fly path (1.1x to 17x faster) when its kernels serve the device."""
+    import fbsemlib.physics.projector as projector
+
+    mmr2d = fb.sinogram_preset("mmr2d"), fb.ImageGrid((1, 172, 172), (2.031, 2.086, 2.086))
+    P = fb.Projector(*mmr2d)
+    assert (P.backend, P.method) == ("torch", "matrix")
+    assert (P.subset(1, 4).backend, P.to("cpu").backend) == ("torch", "torch")
+    sino3 = fb.sinogram_preset("small3d")
+    P = fb.Projector(sino3, fb.ImageGrid((8, 48, 48), (4.0, 4.0, 4.0)), matrix_budget_bytes=1)
+    assert (P.backend, P.method) == ("torch", "segments")
+    off_grid = fb.ImageGrid((10, 48, 48), (3.0, 4.0, 4.0))  # ring spacing 4 mm: no axial shifts
+    P = fb.Projector(sino3, off_grid, matrix_budget_bytes=1)
+    assert (P.backend, P.method) == ("parallelproj", None)
+    assert P.subset(2, 3).backend == "parallelproj" and P.to("cpu") is P
+    # a torch method asked for is a torch projector
+    assert fb.Projector(sino3, off_grid, method="on-the-fly").backend == "torch"
+    # kernels that do not serve the device (CUDA kernels for CPU tensors, CPU kernels for CUDA
+    # tensors), or no kernels at all: the torch on-the-fly path
+    monkeypatch.setattr(projector, "parallelproj_serves", lambda device: False)
+    P = fb.Projector(sino3, off_grid, matrix_budget_bytes=1)
+    assert (P.backend, P.method) == ("torch", "on-the-fly")

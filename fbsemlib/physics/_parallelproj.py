@@ -46,7 +46,8 @@ import torch
 
 from fbsemlib.physics._joseph import JosephSampler
 
-__all__ = ["ParallelprojJoseph", "parallelproj_available", "parallelproj_info", "parallelproj_lor_descriptor"]
+__all__ = ["ParallelprojJoseph", "parallelproj_available", "parallelproj_info", "parallelproj_lor_descriptor",
+           "parallelproj_serves"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +68,16 @@ def parallelproj_available() -> bool:
     """True when parallelproj's Joseph kernels can be imported (``parallelproj_core`` of
     parallelproj 2.x, or the 1.x ``parallelproj.joseph3d_fwd``)."""
     return _kernels()[1] > 0
+
+
+def parallelproj_serves(device: str | torch.device) -> bool:
+    """True when parallelproj's kernels work on ``device``'s tensors where they are: CPU kernels
+    for CPU tensors, CUDA kernels for CUDA tensors (a CUDA build copies CPU tensors to the GPU)."""
+    module, api = _kernels()
+    if api == 0:
+        return False
+    cuda = bool(module.cuda_enabled) if api == 2 else bool(getattr(module, "cuda_present", False))
+    return cuda == (torch.device(device).type == "cuda")
 
 
 def parallelproj_info() -> dict:
