@@ -2,6 +2,7 @@
 clear error (exception type + a message naming the parameter; exit status 2 on the CLI),
 and none of them corrupts existing data."""
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -303,3 +304,148 @@ def test_reconstruct_out_names_exactly_the_file_written(smoke_model, smoke_datas
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.npy").exists()
     rc = main(["reconstruct", "--model", str(smoke_model), "--sinogram", str(scan), "--out", str(tmp_path / "x.npy")])
     assert rc == 0 and f"wrote {tmp_path / 'x.npy'}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------
+# issue 13, class 6: malformed files and outputs end in `error: ...` with exit 2, never a
+# traceback, and change nothing that existed (the model and dataset used are digested)
+# ----------------------------------------------------------------------------------------
+def _copy_run(t, smoke_model) -> Path:
+    run = t / "run"
+    if not run.exists():
+        shutil.copytree(smoke_model, run)
+    return run
+
+
+def _model_file(t, smoke_model, payload) -> str:
+    run = _copy_run(t, smoke_model)
+    if isinstance(payload, bytes):
+        (run / "model.pt").write_bytes(payload)
+    else:
+        torch.save(payload, run / "model.pt")
+    return str(run)
+
+
+def _truncated(src: Path, dst: Path) -> str:
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return str(dst)
+
+
+def _good_scan(t, ds, **replace) -> str:
+    return str(_scan_file(ds, t / "scan.h5", **replace))
+
+
+def _copy_ds(t, ds, edit=None) -> str:
+    out = t / "ds"
+    if not out.exists():
+        shutil.copytree(ds, out)
+    if edit is not None:
+        edit(out)
+    return str(out)
+
+
+def _edit_manifest(fn):
+    def edit(folder: Path) -> None:
+        p = folder / "manifest.json"
+        m = json.loads(p.read_text())
+        p.write_text(json.dumps(fn(m)))
+    return edit
+
+
+def _item_array(ds, key, fn):
+    return fn(PETDataset_item(ds)[key].numpy())
+
+
+def _rec(model, sino, *extra):
+    return ["reconstruct", "--model", str(model), "--sinogram", str(sino), "--out", "OUT/x.npy", *extra]
+
+
+HOSTILE_CASES = [
+    # (id, argv builder (tmp_path, dataset, model) -> argv, message regex)
+    ("sinogram not HDF5", lambda t, d, m: _rec(m, (t / "s.h5").write_text("not hdf5") and t / "s.h5"),
+     "cannot read sinogram file"),
+    ("sinogram truncated HDF5", lambda t, d, m: _rec(m, _truncated(Path(_good_scan(t, d)), t / "cut.h5")),
+     "cannot read sinogram file"),
+    ("sinogram truncated npy", lambda t, d, m: _rec(m, (np.save(t / "y.npy", np.ones((1, 2, 64, 64), np.float32)),
+                                                        _truncated(t / "y.npy", t / "cut.npy"))[1]),
+     "cannot read sinogram file"),
+    ("sinogram pickle in npy", lambda t, d, m: _rec(m, (np.save(t / "o.npy", np.array([{"a": 1}], dtype=object),
+                                                                allow_pickle=True), t / "o.npy")[1]),
+     "cannot read sinogram file"),
+    ("sinogram .pt of a list", lambda t, d, m: _rec(m, (torch.save([1, 2], t / "l.pt"), t / "l.pt")[1]),
+     "expected a tensor or a dict"),
+    ("sinogram strings", lambda t, d, m: _rec(m, (np.save(t / "s.npy", np.array(["a", "b"])), t / "s.npy")[1]),
+     "numeric array"),
+    ("sinogram a folder", lambda t, d, m: _rec(m, t), "not a file"),
+    ("sinogram unknown suffix", lambda t, d, m: _rec(m, (t / "s.txt").write_text("1") and t / "s.txt"), "unsupported"),
+    ("NaN multiplicative", lambda t, d, m: _rec(m, _good_scan(t, d, multiplicative=_item_array(
+        d, "multiplicative", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a)))),
+     "multiplicative holds NaN"),
+    ("negative multiplicative", lambda t, d, m: _rec(m, _good_scan(t, d, multiplicative=_item_array(
+        d, "multiplicative", lambda a: -a))), "multiplicative must be positive"),
+    ("negative additive", lambda t, d, m: _rec(m, _good_scan(t, d, additive=_item_array(
+        d, "additive", lambda a: a - 1e3))), "additive must be non-negative"),
+    ("Inf y", lambda t, d, m: _rec(m, _good_scan(t, d, y=_item_array(d, "y", lambda a: a * np.inf))),
+     "y holds NaN or Inf"),
+    ("mismatched batch sizes", lambda t, d, m: _rec(m, _good_scan(t, d, y=_item_array(
+        d, "y", lambda a: np.stack([a, a])), multiplicative=_item_array(d, "multiplicative", lambda a: np.stack([a] * 3)))),
+     "batch of 3 but y has 2"),
+    ("y of another geometry", lambda t, d, m: _rec(m, _good_scan(t, d, y=np.ones((1, 3, 5, 7), np.float32))),
+     "y has shape"),
+    ("model file not a zip", lambda t, d, m: _rec(_model_file(t, m, b"garbage" * 100), _good_scan(t, d)), "corrupted"),
+    ("model file truncated", lambda t, d, m: _rec(_model_file(t, m, (m / "model.pt").read_bytes()[:5000]),
+                                                  _good_scan(t, d)), "corrupted"),
+    ("model file a tensor", lambda t, d, m: _rec(_model_file(t, m, torch.ones(3)), _good_scan(t, d)),
+     "not an fbsemlib model file"),
+    ("model file without weights", lambda t, d, m: _rec(_model_file(t, m, {"format": "fbsemlib-fbsem-model",
+                                                                            "format_version": 1}), _good_scan(t, d)),
+     "corrupted"),
+    ("model file with a bad config", lambda t, d, m: _rec(_model_file(t, m, {
+        "format": "fbsemlib-fbsem-model", "format_version": 1, "state_dict": {}, "configs": {"model": 3}}),
+        _good_scan(t, d)), "corrupted"),
+    ("reconstruct --out a folder", lambda t, d, m: _rec(m, _good_scan(t, d))[:-1] + [str(t)], "is a folder"),
+    ("reconstruct --out under a file", lambda t, d, m: _rec(m, _good_scan(t, d))[:-1] + [str(
+        (t / "f").write_text("x") and t / "f" / "x.npy")], "cannot write the output folder"),
+    ("evaluate corrupted manifest", lambda t, d, m: ["evaluate", "--model", str(m), "--data", _copy_ds(
+        t, d, lambda f: (f / "manifest.json").write_text("{not json")), "--out", str(t / "ev")], "corrupted"),
+    ("evaluate manifest a list", lambda t, d, m: ["evaluate", "--model", str(m), "--data", _copy_ds(
+        t, d, lambda f: (f / "manifest.json").write_text("[1, 2]")), "--out", str(t / "ev")], "not a JSON object"),
+    ("evaluate manifest without files", lambda t, d, m: ["evaluate", "--model", str(m), "--data", _copy_ds(
+        t, d, _edit_manifest(lambda x: {k: v for k, v in x.items() if k != "files"})), "--out", str(t / "ev")],
+     "key 'files' is missing"),
+    ("evaluate truncated subject file", lambda t, d, m: ["evaluate", "--model", str(m), "--data", _copy_ds(
+        t, d, lambda f: _truncated(sorted(f.glob("subject-*.h5"))[-1], sorted(f.glob("subject-*.h5"))[-1])),
+        "--out", str(t / "ev")], "subject-"),
+    ("evaluate --out a file", lambda t, d, m: ["evaluate", "--model", str(m), "--data", str(d), "--out", str(
+        (t / "f").write_text("x") and t / "f")], "not a folder"),
+    ("train --out a file", lambda t, d, m: ["train", "--config", str(ROOT / "data" / "smoke.yaml"), "--data", str(d),
+                                            "--out", str((t / "f").write_text("x") and t / "f")], "not a folder"),
+    ("train --data a file", lambda t, d, m: ["train", "--config", str(ROOT / "data" / "smoke.yaml"), "--data", str(
+        (t / "f").write_text("x") and t / "f"), "--out", str(t / "run")], "not a folder"),
+    ("simulate --out a file", lambda t, d, m: ["simulate", "--config", str(ROOT / "data" / "smoke.yaml"), "--out", str(
+        (t / "f").write_text("x") and t / "f")], "not a folder"),
+    ("config not UTF-8", lambda t, d, m: ["train", "--config", str((t / "c.yaml").write_bytes(b"\xff\xfe\x00bad") and
+                                                                   t / "c.yaml"), "--data", str(d), "--out", str(t / "r")],
+     "c.yaml"),
+    ("config a YAML list", lambda t, d, m: ["simulate", "--config", str((t / "c.yaml").write_text("- 1\n- 2\n") and
+                                                                        t / "c.yaml"), "--out", str(t / "o")],
+     "mapping of sections"),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_CASES, ids=[c[0] for c in HOSTILE_CASES])
+def test_malformed_files_give_one_error_line(case, smoke_dataset, smoke_model, tmp_path, capsys):
+    import re
+
+    _, build, match = case
+    before = (_tree_digest(smoke_dataset), _tree_digest(smoke_model))
+    (tmp_path / "OUT").mkdir()
+    argv = [a.replace("OUT/", str(tmp_path / "OUT") + "/") for a in build(tmp_path, smoke_dataset, smoke_model)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    assert "Traceback" not in err
+    assert list((tmp_path / "OUT").iterdir()) == []  # no partial output
+    assert (_tree_digest(smoke_dataset), _tree_digest(smoke_model)) == before

@@ -141,7 +141,7 @@ def failure_message(e: BaseException) -> str:
     if isinstance(e, MemoryError):
         return "out of memory: reduce the sizes in the configuration (image_shape, batch_size, num_modules)"
     where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
-    reason = DISK_ERRNOS.get(e.errno or -1) or e.strerror or str(e)
+    reason = DISK_ERRNOS.get(e.errno or -1) or e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
     return f"{reason}{':' if where else ''}{where}"
 
 

@@ -74,10 +74,10 @@ def output_path(sinogram_path, out_path=None, overwrite: bool = False) -> Path:
     checked before any work: a ``.npy`` name, not a folder, not an existing file unless
     ``overwrite``, in a writable folder."""
     out = Path(out_path) if out_path else Path(sinogram_path).with_name(Path(sinogram_path).stem + "_fbsem.npy")
-    if out.suffix.lower() != ".npy":
-        raise UserError(f"--out {str(out)!r} must end in .npy (the image is written as a NumPy file)")
     if out.is_dir():
         raise UserError(f"--out {str(out)!r} is a folder; give a .npy file name")
+    if out.suffix.lower() != ".npy":
+        raise UserError(f"--out {str(out)!r} must end in .npy (the image is written as a NumPy file)")
     if out.exists() and not overwrite:
         raise UserError(f"{str(out)!r} exists: refusing to overwrite it (give --overwrite or another --out)")
     ensure_writable(out.parent, "the output folder")
