@@ -449,3 +449,47 @@ def test_malformed_files_give_one_error_line(case, smoke_dataset, smoke_model, t
     assert "Traceback" not in err
     assert list((tmp_path / "OUT").iterdir()) == []  # no partial output
     assert (_tree_digest(smoke_dataset), _tree_digest(smoke_model)) == before
+
+
+# ----------------------------------------------------------------------------------------
+# issue 13, class 5: paths stay inside their folders
+# ----------------------------------------------------------------------------------------
+def _manifest_naming(name: str):
+    def fn(m: dict) -> dict:
+        files = dict(m["files"])
+        first = sorted(files)[0]
+        files[name] = files.pop(first)
+        return dict(m, files=files)
+    return _edit_manifest(fn)
+
+
+PATH_CASES = [
+    ("manifest names ../", lambda t, d: ["evaluate", "--model", "MODEL", "--data", _copy_ds(
+        t, d, _manifest_naming("../subject-0000.h5")), "--out", str(t / "ev")], "outside the dataset folder"),
+    ("manifest names an absolute path", lambda t, d: ["evaluate", "--model", "MODEL", "--data", _copy_ds(
+        t, d, _manifest_naming("/etc/passwd")), "--out", str(t / "ev")], "outside the dataset folder"),
+    ("manifest names a sub-folder", lambda t, d: ["train", "--config", str(ROOT / "data" / "smoke.yaml"), "--data",
+                                                  _copy_ds(t, d, _manifest_naming("sub/subject-0000.h5")),
+                                                  "--out", str(t / "run")], "outside the dataset folder"),
+    ("data.name ../../x", lambda t, d: ["simulate", "--config", _recipe(t, **{"data.name": "../../x"}),
+                                        "--out", str(t / "o")], "plain name"),
+    ("data.name absolute", lambda t, d: ["train", "--config", _recipe(t, **{"data.name": "/tmp/x"}),
+                                         "--out", str(t / "run")], "plain name"),
+]
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=[c[0] for c in PATH_CASES])
+def test_paths_outside_their_folder_are_refused(case, smoke_dataset, smoke_model, tmp_path, capsys):
+    import re
+
+    _, build, match = case
+    before = _tree_digest(smoke_dataset)
+    around = sorted(p.name for p in tmp_path.parent.iterdir())
+    argv = [str(smoke_model) if a == "MODEL" else a for a in build(tmp_path, smoke_dataset)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and re.search(match, err), err
+    assert "Traceback" not in err
+    assert _tree_digest(smoke_dataset) == before
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == around  # nothing written beside the test folder
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()

@@ -200,7 +200,19 @@ def _read_manifest(path: Path) -> dict:
     for key in ("files", "splits", "recipe", "recipe_hash", "geometry", "grid", "num_iterations", "num_subsets"):
         if key not in manifest:
             raise DatasetError(f"{str(mpath)!r} is corrupted: key {key!r} is missing")
+    if not isinstance(manifest["files"], dict) or not all(isinstance(e, dict) for e in manifest["files"].values()):
+        raise DatasetError(f"{str(mpath)!r} is corrupted: 'files' must map file names to entries")
+    for name in manifest["files"]:
+        if not _inside_name(name):
+            raise DatasetError(f"{str(mpath)!r} names the file {name!r}, outside the dataset folder: a dataset's "
+                               "files are plain names in its own folder (refused)")
     return manifest
+
+
+def _inside_name(name) -> bool:
+    """Whether ``name`` is a plain file name (no folder part, not absolute, not ``..``)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and not os.path.isabs(name))
 
 
 def _check_expected(manifest: dict, geometry=None, grid=None, num_iterations=None, num_subsets=None,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from fbsemlib.config import ConfigError, from_dict, load_section, to_dict
@@ -31,6 +32,9 @@ def _finite_number(v) -> bool:
     """A finite real number (not a bool)."""
     return is_number(v) and math.isfinite(float(v))
 
+
+#: a recipe's ``name``: a folder name under the data root, never a path
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 @dataclass
 class DataConfig:
@@ -112,6 +116,9 @@ class DataConfig:
         err = lambda msg: ConfigError(f"invalid section 'data': {msg}")  # noqa: E731
         if not isinstance(self.name, str):
             raise err(f"name must be a string, got {self.name!r}")
+        if not _NAME.fullmatch(self.name):
+            raise err(f"name must be a plain name (letters, digits, '.', '_', '-'; at most 100, not starting with "
+                      f"'.' or '-'): it names a folder under the data root, got {self.name!r}")
         # -- geometry
         if self.scanner not in SCANNER_PRESETS:
             raise err(f"unknown scanner preset {self.scanner!r}; choose one of {sorted(SCANNER_PRESETS)}")
