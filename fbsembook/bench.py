@@ -204,11 +204,18 @@ def bench_projector(quick: bool = False, device: str | None = None, repeats: int
                 t = time_callable(lambda: P.adjoint(P(x)), reps, sync=dev == "cuda")["median_s"] / B
                 rows.append(dict(case=f"2D mMR {g2.shape[1]}x{g2.shape[2]}, {sino.shape[1]}x{sino.shape[2]}",
                                  impl=f"fbsemlib-torch-{method}", device=dev, batch=B, s_per_image=t, setup_s=setup))
-    if parallelproj_available():
+    if parallelproj_available():  # its CPU kernels next to the torch rows above: same case and batches
         P = Projector(sino, g2, backend="parallelproj")
-        x = torch.rand(1, *g2.shape)
-        t = time_callable(lambda: P.adjoint(P(x)), reps)["median_s"]
-        rows.append(dict(case="2D mMR", impl="parallelproj", device="cpu", batch=1, s_per_image=t))
+        case = f"2D mMR {g2.shape[1]}x{g2.shape[2]}, {sino.shape[1]}x{sino.shape[2]}"
+        for B in batches:
+            x = torch.rand(B, *g2.shape)
+            y = P(x)
+            tf = time_callable(lambda: P(x), reps)["median_s"] / B
+            ta = time_callable(lambda: P.adjoint(y), reps)["median_s"] / B
+            matrix = [r["s_per_image"] for r in rows if r["case"] == case and r["batch"] == B
+                      and r["impl"] == "fbsemlib-torch-matrix" and r["device"] == "cpu"]
+            rows.append(dict(case=case, impl="parallelproj", device="cpu", batch=B, s_per_image=tf + ta, forward_s=tf,
+                             adjoint_s=ta, ratio_to_torch_matrix=(tf + ta) / matrix[0] if matrix else None))
 
     # ---- 3D mMR: the axial-segment path on the full scanner, and against on-the-fly on a slab
     if quick:
@@ -256,13 +263,16 @@ def bench_projector(quick: bool = False, device: str | None = None, repeats: int
                         row["speedup_vs_on_the_fly"] = slab_t["on-the-fly"] / (tf + ta)
                 rows.append(row)
                 del P, y
-    if parallelproj_available():
-        sino3, g3 = full
-        P = Projector(sino3, g3, backend="parallelproj")
-        x = torch.rand(1, *g3.shape)
-        t = time_callable(lambda: P.adjoint(P(x)), 1)["median_s"]
-        rows.append(dict(case=f"3D mMR full {g3.shape}, sinogram {sino3.shape}", impl="parallelproj", device="cpu",
-                         batch=1, s_per_image=t))
+    if parallelproj_available():  # its CPU kernels on the same slab and full scanner, forward and adjoint
+        for which, (sino3, g3) in (("slab", slab), ("full", full)):
+            P = Projector(sino3, g3, backend="parallelproj")
+            x = torch.rand(1, *g3.shape)
+            y = P(x)
+            tf = time_callable(lambda: P(x), reps3 if quick else 1, warmup=0)["median_s"]
+            ta = time_callable(lambda: P.adjoint(y), reps3 if quick else 1, warmup=0)["median_s"]
+            rows.append(dict(case=f"3D mMR {which} {g3.shape}, sinogram {sino3.shape}", impl="parallelproj", device="cpu",
+                             batch=1, s_per_image=tf + ta, forward_s=tf, adjoint_s=ta))
+            del P, y
     return rows
 
 
