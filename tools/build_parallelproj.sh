@@ -106,6 +106,9 @@ sed -i "s/find_package(Python 3\.[0-9]*/find_package(Python $PYVER/" "$BUILD/src
 # -- 2. build dependencies (PyPI) ----------------------------------------------------------------
 say "build dependencies: cmake>=3.31 ninja nanobind array-api-compat"
 "$PY" -m pip install --quiet "cmake>=3.31" ninja nanobind "array-api-compat>=1.7"
+# where pip put them (the venv's bin/, or wherever an already installed copy lives)
+CMAKE=$("$PY" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))')
+NINJA=$("$PY" -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))')
 
 # -- 3. CUDA or not -----------------------------------------------------------------------------
 NVCC=$(command -v nvcc || true)
@@ -143,8 +146,8 @@ SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
 LIBDIR="$VENV/lib"
 RPATH="\$ORIGIN/$("$PY" -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$LIBDIR" "$SITE")"
 rm -rf "$BUILD/cmake"
-"$VENV/bin/cmake" -S "$BUILD/src/libparallelproj" -B "$BUILD/cmake" -G Ninja \
-    -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
+"$CMAKE" -S "$BUILD/src/libparallelproj" -B "$BUILD/cmake" -G Ninja \
+    -DCMAKE_MAKE_PROGRAM="$NINJA" \
     -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_PYTHON=ON -DUSE_CUDA="$USE_CUDA" -DINSTALL_DEVEL=OFF \
     -DPython_EXECUTABLE="$PY" \
@@ -152,9 +155,9 @@ rm -rf "$BUILD/cmake"
     -DCMAKE_INSTALL_RPATH="$RPATH" \
     "${CUDA_ARGS[@]}" > "$BUILD/cmake-configure.log" 2>&1 \
     || { cat "$BUILD/cmake-configure.log"; die "cmake configure failed"; }
-"$VENV/bin/cmake" --build "$BUILD/cmake" -j "$JOBS" > "$BUILD/cmake-build.log" 2>&1 \
+"$CMAKE" --build "$BUILD/cmake" -j "$JOBS" > "$BUILD/cmake-build.log" 2>&1 \
     || { tail -n 60 "$BUILD/cmake-build.log"; die "build failed (log: $BUILD/cmake-build.log)"; }
-"$VENV/bin/cmake" --install "$BUILD/cmake" > "$BUILD/cmake-install.log" 2>&1 \
+"$CMAKE" --install "$BUILD/cmake" > "$BUILD/cmake-install.log" 2>&1 \
     || { cat "$BUILD/cmake-install.log"; die "install failed"; }
 
 # -- 5. the Python package, and a .dist-info for both --------------------------------------------
