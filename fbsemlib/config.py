@@ -46,7 +46,7 @@ import yaml
 
 from fbsemlib.errors import UserError
 
-__all__ = ["ConfigError", "SECTIONS", "did_you_mean", "unknown_key_error", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
+__all__ = ["ConfigError", "SECTIONS", "LIMITS", "check_limit", "available_cores", "available_memory_bytes", "did_you_mean", "unknown_key_error", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
 
 
 class ConfigError(UserError, ValueError):
@@ -56,6 +56,42 @@ class ConfigError(UserError, ValueError):
 #: the sections of an experiment file and who reads them: ``data`` (the simulation recipe),
 #: ``model`` and ``train`` (training), ``baselines`` (evaluation), ``memory`` (``fbsem memory``)
 SECTIONS = ("data", "model", "train", "baselines", "memory")
+
+
+#: upper bounds of sizes, counts and seeds: far above any experiment this library can run,
+#: so that a typo (``num_workers: 1000000``) is refused before anything is allocated or
+#: spawned; what fits *this* machine is checked against :func:`available_memory_bytes` and
+#: :func:`available_cores` where the work starts
+LIMITS = {"image_side": 4096, "num_subjects": 100_000, "per_subject": 10_000, "noise_realisations": 1_000,
+          "num_modules": 10_000, "seed": 2**63 - 1, "num_workers": 256, "batch_size": 100_000,
+          "epochs": 1_000_000}
+
+
+def check_limit(where: str, value, limit: str) -> None:
+    """:class:`ConfigError` when ``value`` exceeds ``LIMITS[limit]``."""
+    if value > LIMITS[limit]:
+        raise ConfigError(f"{where} = {value!r} is too large (at most {LIMITS[limit]:,})")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def did_you_mean(name: str, choices) -> str:

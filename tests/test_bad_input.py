@@ -493,3 +493,50 @@ def test_paths_outside_their_folder_are_refused(case, smoke_dataset, smoke_model
     assert _tree_digest(smoke_dataset) == before
     assert sorted(p.name for p in tmp_path.parent.iterdir()) == around  # nothing written beside the test folder
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# issue 13, class 3: sizes, counts, seeds and workers are bounded before anything is
+# allocated or spawned
+# ----------------------------------------------------------------------------------------
+RESOURCE_CASES = [
+    ("a million workers", lambda t: ["train", "--config", _recipe(t, **{"train.num_workers": 1000000}),
+                                     "--data", str(t), "--out", str(t / "run")], r"train.num_workers = 1000000 is too large"),
+    ("more workers than cores", lambda t: ["train", "--config", _recipe(t, **{"train.num_workers": os.cpu_count() + 1}),
+                                           "--data", "DATA", "--out", str(t / "run")], r"exceeds the \d+ CPU cores"),
+    ("huge image", lambda t: ["simulate", "--config", _recipe(t, **{"data.image_shape": [1, 10**6, 10**6]}),
+                              "--out", str(t / "o")], r"data.image_shape = 1000000 is too large"),
+    ("image past the memory", lambda t: ["simulate", "--config", _recipe(t, **{
+        "data.image_shape": [1, 4000, 4000], "data.voxel_size_mm": [2.0, 0.01, 0.01], "data.num_iterations": 2000}), "--out", str(t / "o")], r"GiB per subject and [\d.]+ GiB are available"),
+    ("huge seed", lambda t: ["simulate", "--config", _recipe(t), "--seed", str(2**70), "--out", str(t / "o")],
+     "seed = .* is too large"),
+    ("huge train seed", lambda t: ["train", "--config", _recipe(t), "--seed", str(2**64), "--data", str(t),
+                                   "--out", str(t / "run")], "train.seed = .* is too large"),
+    ("huge module count", lambda t: ["train", "--config", _recipe(t, **{"model.num_iterations": 10**9}),
+                                     "--data", str(t), "--out", str(t / "run")], "model.num_iterations = .* too large"),
+    ("huge subject count", lambda t: ["simulate", "--config", _recipe(t, **{"data.num_subjects": 10**9,
+                                                                           "data.split": {"train": 1.0}}),
+                                      "--out", str(t / "o")], "num_subjects = .* too large"),
+    ("memory: huge --modules", lambda t: ["memory", "--config", str(ROOT / "data" / "smoke.yaml"), "--modules",
+                                          str(10**9), "--mode", "sequential"], "--modules = .* too large"),
+    ("huge batch", lambda t: ["train", "--config", _recipe(t, **{"train.batch_size": 10**9}), "--data", str(t),
+                              "--out", str(t / "run")], "train.batch_size = .* too large"),
+]
+
+
+@pytest.mark.parametrize("case", RESOURCE_CASES, ids=[c[0] for c in RESOURCE_CASES])
+def test_sizes_are_bounded_before_allocating(case, smoke_dataset, tmp_path, capsys):
+    import re
+    import resource
+
+    _, build, match = case
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    argv = [str(smoke_dataset) if a == "DATA" else a for a in build(tmp_path)]
+    t0 = __import__("time").monotonic()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and re.search(match, err), err
+    assert "Traceback" not in err
+    assert __import__("time").monotonic() - t0 < 60
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 512 * 1024  # KiB: refused, not allocated
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fbsemlib.config import check_limit
 from fbsemlib.errors import UserError
 from fbsemlib.provenance import is_int
 from fbsemlib.training.memory import MODES, measure_training_memory, memory_device, resolve_spec
@@ -21,6 +22,7 @@ def cmd_memory(args) -> int:
     K = getattr(args, "modules", None)
     if not is_int(K) or K < 1:
         raise UserError(f"--modules must be an integer >= 1, got {K!r}")
+    check_limit("--modules", K, "num_modules")
     mode = getattr(args, "mode", None)
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from fbsemlib.config import ConfigError, from_dict, load_section, to_dict
+from fbsemlib.config import ConfigError, check_limit, from_dict, load_section, to_dict
 from fbsemlib.data.phantoms import PhantomConfig
 from fbsemlib.data.schema import FORMAT_NAME, FORMAT_VERSION, SPLITS
 from fbsemlib.physics.geometry import SCANNER_PRESETS, ImageGrid, SinogramGeometry, sinogram_preset
@@ -213,6 +213,7 @@ class DataConfig:
         # -- seed, storage
         if not is_int(self.seed) or self.seed < 0:
             raise err(f"seed must be a non-negative integer, got {self.seed!r}")
+        self._check_limits()
         if self.compression not in COMPRESSION:
             raise err(f"compression must be one of {COMPRESSION}, got {self.compression!r}")
         # -- geometry consistency (cheap: no projector is built)
@@ -234,6 +235,32 @@ class DataConfig:
         if grid.fov_radius_mm() >= geom.scanner.radius_mm:
             raise err(f"the image field of view (radius {grid.fov_radius_mm():.1f} mm) does not fit inside scanner "
                       f"{self.scanner!r} (radius {geom.scanner.radius_mm} mm): reduce image_shape or voxel_size_mm")
+
+    def _check_limits(self) -> None:
+        """Sizes, counts and the seed within :data:`fbsemlib.config.LIMITS` (a typo is refused
+        before anything is allocated; what fits this machine: :meth:`memory_estimate_bytes`)."""
+        try:
+            for n in self.image_shape:
+                check_limit("data.image_shape", n, "image_side")
+            check_limit("data.num_subjects", self.num_subjects, "num_subjects")
+            for k in ("slices_per_subject", "rotations_per_slice", "num_iterations"):
+                check_limit(f"data.{k}", getattr(self, k), "per_subject")
+            for k in ("num_modules", "reference_iterations", "reference_subsets"):
+                if getattr(self, k) is not None:
+                    check_limit(f"data.{k}", getattr(self, k), "num_modules")
+            for v in self.noise_realisations.values():
+                check_limit("data.noise_realisations", v, "noise_realisations")
+            check_limit("data.seed", self.seed, "seed")
+        except ConfigError as e:
+            raise ConfigError(f"invalid section 'data': {e}") from None
+
+    def memory_estimate_bytes(self) -> int:
+        """A generous estimate of the memory one subject's simulation holds: per image and
+        noise realisation the ``K`` targets and a few more images, and a few sinograms."""
+        voxels = math.prod(self.image_shape)
+        bins = math.prod(self.geometry().shape)
+        per = voxels * (self.K + 8) + bins * 6
+        return self.images_per_subject * max(self.noise_realisations.values()) * per * 4
 
     # -- derived ---------------------------------------------------------------------------
     @property

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from fbsemlib.config import ConfigError
+from fbsemlib.config import ConfigError, available_memory_bytes
 from fbsemlib.errors import UserError
 from fbsemlib.data.format import (
     DatasetError,
@@ -396,6 +396,11 @@ def simulate_dataset(
         say(f"reusing the complete dataset in {out} (same recipe, hash {h[:12]}; --overwrite to regenerate)")
         reuse.manifest.setdefault("summary", {})["reused"] = True
         return reuse
+    need, avail = cfg.memory_estimate_bytes(), available_memory_bytes()
+    if avail is not None and need > avail:
+        raise ConfigError(f"recipe {cfg.name!r} needs about {need / 2**30:.1f} GiB per subject and "
+                          f"{avail / 2**30:.1f} GiB are available: reduce image_shape, the images per subject, "
+                          "the noise realisations or num_modules")
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fbsemlib.config import ConfigError, diff, from_dict
+from fbsemlib.config import ConfigError, available_cores, diff, from_dict
 from fbsemlib.data.batch import PETBatch
 from fbsemlib.models.fbsem import FBSEMNet
 from fbsemlib.models.losses import target_weights, unrolled_loss
@@ -116,6 +116,9 @@ class Trainer:
         if self.config.amp and self.dev.type != "cuda":
             raise ConfigError("train.amp=true needs a CUDA device (mixed precision is not supported on CPU); "
                               "set train.amp: false")
+        if self.config.num_workers > available_cores():
+            raise ConfigError(f"train.num_workers = {self.config.num_workers} exceeds the {available_cores()} CPU "
+                              "cores available to this process")
         if len(self.train_dataset) == 0:
             raise TrainingError("the training dataset is empty")
         if self.val_dataset is not None and len(self.val_dataset) == 0:

@@ -26,7 +26,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fbsemlib.config import ConfigError, from_dict, to_dict, unknown_key_error
+from fbsemlib.config import ConfigError, check_limit, from_dict, to_dict, unknown_key_error
 from fbsemlib.errors import UserError
 from fbsemlib.models.fbsem import ModelConfig
 from fbsemlib.provenance import is_int, is_number
@@ -113,6 +113,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not is_int(v) or v < 0:
                 raise _err(name, f"must be a non-negative integer, got {v!r}")
+        for name, limit in (("seed", "seed"), ("num_workers", "num_workers"), ("batch_size", "batch_size"),
+                            ("epochs", "epochs"), ("epochs_per_module", "epochs")):
+            check_limit(f"train.{name}", getattr(self, name), limit)
         if self.early_stopping_patience is not None and (not is_int(self.early_stopping_patience)
                                                           or self.early_stopping_patience < 1):
             raise _err("early_stopping_patience", f"must be a positive integer or null, got {self.early_stopping_patience!r}")
@@ -164,6 +167,8 @@ def parse_model_section(d: dict | None) -> tuple[ModelConfig, int | None, int | 
             v = d.pop(k)
             if v is not None and (not is_int(v) or v < 1):
                 raise ConfigError(f"model.{k} must be a positive integer or null, got {v!r}")
+            if v is not None:
+                check_limit(f"model.{k}", v, "num_modules")
             schedule[k] = v
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     unknown = [k for k in d if k not in fields]
