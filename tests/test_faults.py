@@ -358,3 +358,101 @@ def test_inf_in_cached_inputs_stops_sequential_training(smoke_dataset, tmp_path,
     ck = load_checkpoint(tmp_path / "s" / "checkpoint.pt")
     assert ck["counters"] == {"stage": 1, "epoch": 1, "global_step": ck["counters"]["global_step"]}
     assert not (tmp_path / "s" / "model.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# (e) a full disk (a small tmpfs; issue 13, class 4): one error line, no crash, nothing that
+#     existed is lost, no partial output
+# ----------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A mounted tmpfs; ``fill()`` takes every free byte (a file ``filler``)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+
+    def mount(size: str) -> Path:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+        return mnt
+
+    yield mount
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _fill(folder: Path) -> None:
+    try:
+        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    except OSError:  # already full
+        return
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "fbsemlib", *map(str, args)], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def _one_error_line(r: subprocess.CompletedProcess, match: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])  # not 139 (a crash) nor 1 (a traceback)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and match.lower() in lines[-1].lower(), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "RuntimeError" not in r.stderr
+
+
+def test_full_disk_during_simulate_is_one_error_and_keeps_the_previous_dataset(smoke_dataset, small_disk):
+    size = sum(p.stat().st_size for p in smoke_dataset.iterdir())
+    disk = small_disk(f"{size + 128 * 1024}")
+    (disk / "notes.txt").write_text("precious")
+    shutil.copytree(smoke_dataset, disk / "ds")
+    before = _tree(disk / "ds")
+    argv = ["simulate", "--config", REPO / "data" / "smoke.yaml", "--out", disk / "ds", "--seed", "5", "--overwrite",
+            "--no-progress"]
+    r = _cli(argv)  # the disk fills while the subject files of the new recipe are written
+    _one_error_line(r, "no space left")
+    assert _tree(disk / "ds") == before and (disk / "notes.txt").read_text() == "precious"
+    validate_dataset(disk / "ds")
+    assert not [p for tmp in disk.glob("ds.tmp-*") for p in tmp.iterdir() if ".tmp-" in p.name]  # no partial file
+    _fill(disk)  # and with no byte free at all
+    _one_error_line(_cli(argv), "no space left")
+    assert _tree(disk / "ds") == before
+    validate_dataset(disk / "ds")
+
+
+def test_full_disk_during_reconstruct_leaves_no_partial_file_and_the_old_one_intact(smoke_dataset, small_disk, tmp_path):
+    import h5py
+
+    from fbsemlib.data import PETDataset
+
+    model = tmp_path / "model"
+    assert main(["train", "--config", str(REPO / "data" / "smoke.yaml"), "--data", str(smoke_dataset), "--out",
+                 str(model), "--mode", "sequential", "--no-progress"]) == 0
+    item = PETDataset(smoke_dataset, "test")[0]
+    scan = tmp_path / "scan.h5"
+    with h5py.File(scan, "w") as h:
+        for k in ("y", "multiplicative", "additive", "mr"):
+            h[k] = item[k].numpy()
+    disk = small_disk("64k")
+    (disk / "x.npy").write_bytes(b"an earlier result")
+    _fill(disk)
+    listing = sorted(p.name for p in disk.iterdir())
+    for out, extra in ((disk / "y.npy", []), (disk / "x.npy", ["--overwrite"])):
+        r = _cli(["reconstruct", "--model", model, "--sinogram", scan, "--out", out, *extra])
+        _one_error_line(r, "no space left")
+        assert sorted(p.name for p in disk.iterdir()) == listing  # no partial .npy, no temporary file
+    assert (disk / "x.npy").read_bytes() == b"an earlier result"
+    # evaluate: refused before the work (the folder cannot take the results)
+    t0 = time.monotonic()
+    r = _cli(["evaluate", "--model", model, "--data", smoke_dataset, "--out", disk / "ev"])
+    _one_error_line(r, "no space left")
+    assert time.monotonic() - t0 < 60

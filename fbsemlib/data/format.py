@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from fbsemlib.data.schema import (
 )
 from fbsemlib.physics.cache import shared_projector
 from fbsemlib.physics.geometry import ImageGrid, sinogram_geometry_from_dict
-from fbsemlib.outputs import atomic_write_text
+from fbsemlib.outputs import atomic_write_bytes, atomic_write_text
 from fbsemlib.provenance import json_default, versions
 
 __all__ = [
@@ -391,7 +392,10 @@ def _compression_options(compression: str) -> dict:
 
 def write_subject(path: Path, subject: dict, attrs: dict, *, compression: str, normalisation: np.ndarray,
                   crystal_efficiencies: np.ndarray) -> None:
-    """Write one subject file (via ``path.part``, renamed when complete).
+    """Write one subject file: built in memory, then written atomically
+    (:func:`fbsemlib.outputs.atomic_write`), so that a full or read-only disk is one
+    ``OSError`` from a plain write and leaves no partial file (HDF5 writing straight to a
+    full disk ends in a cascade of errors and a crash).
 
     ``subject`` is what :func:`fbsemlib.data.simulate.simulate_subject` returns (groups
     ``images``, ``sinograms``, ``samples`` of numpy arrays plus ``subject``, ``split``,
@@ -402,8 +406,8 @@ def write_subject(path: Path, subject: dict, attrs: dict, *, compression: str, n
     import h5py
 
     kw = _compression_options(compression)
-    tmp = path.with_name(path.name + ".part")
-    with h5py.File(tmp, "w", track_order=True) as f:
+    image = io.BytesIO()
+    with h5py.File(image, "w", track_order=True) as f:
         for k, v in attrs.items():
             f.attrs[k] = v
         N = subject["images"]["activity"].shape[0]
@@ -432,7 +436,7 @@ def write_subject(path: Path, subject: dict, attrs: dict, *, compression: str, n
         for k, v in subject["samples"].items():
             put(g, k, v)
         f.attrs["complete"] = 1
-    os.replace(tmp, path)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def is_complete_subject_file(path: Path, recipe_hash: str) -> bool:
