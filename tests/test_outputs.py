@@ -209,3 +209,51 @@ def test_evaluate_refuses_an_unrelated_out_folder_before_any_work(smoke_model, s
     assert rc == 2 and "'holiday.jpg'" in err
     assert time.monotonic() - t0 < 30
     assert sorted(x.name for x in out.iterdir()) == ["holiday.jpg"]
+
+
+# ----------------------------------------------------------------------------------------
+# issue 13, class 7: files get the user's umask (collaborators can read a shared run)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_files_follow_the_umask(tmp_path, mask):
+    from fbsemlib.outputs import atomic_write_json
+
+    old = os.umask(mask)
+    try:
+        p = atomic_write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert json.loads(p.read_text()) == {"x": 1}
+
+
+def test_run_and_dataset_files_are_readable_as_the_umask_allows(smoke_model, smoke_dataset):
+    from fbsemlib.outputs import umask
+
+    want = 0o666 & ~umask()
+    for folder in (smoke_model, smoke_dataset):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.is_file()}
+        assert modes and set(modes.values()) == {oct(want)}, modes
+
+
+def test_a_read_only_file_system_is_one_error_line_and_changes_nothing(smoke_model, smoke_dataset, tmp_path, capsys):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "x.npy").write_bytes(b"an earlier result")
+        shutil.copytree(smoke_model, mnt / "run")
+        before = digest(mnt)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True).returncode == 0
+        scan = _scan(smoke_dataset, tmp_path / "scan.h5")
+        for argv in (["reconstruct", "--model", smoke_model, "--sinogram", scan, "--out", mnt / "x.npy", "--overwrite"],
+                     ["evaluate", "--model", smoke_model, "--data", smoke_dataset, "--out", mnt / "run"],
+                     ["simulate", "--config", SMOKE, "--out", mnt / "ds", "--no-progress"],
+                     _train_argv(smoke_dataset, mnt / "run2")):
+            rc, err = run_cli(argv, capsys)
+            assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+            assert "read-only file system" in err.lower() or "is not writable" in err, (argv, err)
+        assert digest(mnt) == before
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
