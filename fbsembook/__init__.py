@@ -15,6 +15,8 @@
 ``memory``           peak training memory against K (cached sweeps)
 ``verdicts``         verdict functions and the book's thresholds
 ``claims``           the papers' claims as data and their assessment
+``stats``            paired margins, hierarchical bootstrap, TOST, spread ratios, Holm
+``rules``            the verdict rules fixed before running (``claims_rules.yaml``)
 ``bench``            ``fbsem bench ...``; ``bench_results`` reads its results
 ``cli``              the ``book`` and ``bench`` commands (entry points of ``fbsem``)
 ===================  ==================================================================
