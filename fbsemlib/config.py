@@ -46,7 +46,8 @@ import yaml
 
 from fbsemlib.errors import UserError
 
-__all__ = ["ConfigError", "SECTIONS", "LIMITS", "check_limit", "available_cores", "available_memory_bytes", "did_you_mean", "unknown_key_error", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
+__all__ = ["ConfigError", "SECTIONS", "LIMITS", "check_limit", "available_cores", "available_memory_bytes",
+           "did_you_mean", "unknown_key_error", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
 
 
 class ConfigError(UserError, ValueError):

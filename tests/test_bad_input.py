@@ -208,8 +208,10 @@ def _sections_file(tmp_path, rename: dict | None = None, **changes) -> str:
 SILENT_CONFIG_CASES = [
     ("capitalised section", {"model": "Model"}, {}, r"unknown section 'Model' \(did you mean 'model'\?\)"),
     ("misspelt section", {"train": "trian"}, {}, r"unknown section 'trian' \(did you mean 'train'\?\)"),
-    ("misspelt train key", None, {"train.epochz": 3}, r"unknown key 'epochz' in section 'train' \(did you mean 'epochs'\?\)"),
-    ("misspelt model key", None, {"model.widht": 3}, r"unknown key 'widht' in section 'model' \(did you mean 'width'\?\)"),
+    ("misspelt train key", None, {"train.epochz": 3},
+     r"unknown key 'epochz' in section 'train' \(did you mean 'epochs'\?\)"),
+    ("misspelt model key", None, {"model.widht": 3},
+     r"unknown key 'widht' in section 'model' \(did you mean 'width'\?\)"),
     ("misspelt data key", None, {"data.num_subject": 3}, r"did you mean 'num_subjects'\?"),
 ]
 
@@ -388,7 +390,8 @@ HOSTILE_CASES = [
     ("Inf y", lambda t, d, m: _rec(m, _good_scan(t, d, y=_item_array(d, "y", lambda a: a * np.inf))),
      "y holds NaN or Inf"),
     ("mismatched batch sizes", lambda t, d, m: _rec(m, _good_scan(t, d, y=_item_array(
-        d, "y", lambda a: np.stack([a, a])), multiplicative=_item_array(d, "multiplicative", lambda a: np.stack([a] * 3)))),
+        d, "y", lambda a: np.stack([a, a])),
+        multiplicative=_item_array(d, "multiplicative", lambda a: np.stack([a] * 3)))),
      "batch of 3 but y has 2"),
     ("y of another geometry", lambda t, d, m: _rec(m, _good_scan(t, d, y=np.ones((1, 3, 5, 7), np.float32))),
      "y has shape"),
@@ -425,7 +428,8 @@ HOSTILE_CASES = [
     ("simulate --out a file", lambda t, d, m: ["simulate", "--config", str(ROOT / "data" / "smoke.yaml"), "--out", str(
         (t / "f").write_text("x") and t / "f")], "not a folder"),
     ("config not UTF-8", lambda t, d, m: ["train", "--config", str((t / "c.yaml").write_bytes(b"\xff\xfe\x00bad") and
-                                                                   t / "c.yaml"), "--data", str(d), "--out", str(t / "r")],
+                                                                   t / "c.yaml"), "--data", str(d),
+                                          "--out", str(t / "r")],
      "c.yaml"),
     ("config a YAML list", lambda t, d, m: ["simulate", "--config", str((t / "c.yaml").write_text("- 1\n- 2\n") and
                                                                         t / "c.yaml"), "--out", str(t / "o")],
@@ -501,13 +505,15 @@ def test_paths_outside_their_folder_are_refused(case, smoke_dataset, smoke_model
 # ----------------------------------------------------------------------------------------
 RESOURCE_CASES = [
     ("a million workers", lambda t: ["train", "--config", _recipe(t, **{"train.num_workers": 1000000}),
-                                     "--data", str(t), "--out", str(t / "run")], r"train.num_workers = 1000000 is too large"),
+                                     "--data", str(t), "--out", str(t / "run")],
+     r"train.num_workers = 1000000 is too large"),
     ("more workers than cores", lambda t: ["train", "--config", _recipe(t, **{"train.num_workers": os.cpu_count() + 1}),
                                            "--data", "DATA", "--out", str(t / "run")], r"exceeds the \d+ CPU cores"),
     ("huge image", lambda t: ["simulate", "--config", _recipe(t, **{"data.image_shape": [1, 10**6, 10**6]}),
                               "--out", str(t / "o")], r"data.image_shape = 1000000 is too large"),
     ("image past the memory", lambda t: ["simulate", "--config", _recipe(t, **{
-        "data.image_shape": [1, 4000, 4000], "data.voxel_size_mm": [2.0, 0.01, 0.01], "data.num_iterations": 2000}), "--out", str(t / "o")], r"GiB per subject and [\d.]+ GiB are available"),
+        "data.image_shape": [1, 4000, 4000], "data.voxel_size_mm": [2.0, 0.01, 0.01], "data.num_iterations": 2000}),
+        "--out", str(t / "o")], r"GiB per subject and [\d.]+ GiB are available"),
     ("huge seed", lambda t: ["simulate", "--config", _recipe(t), "--seed", str(2**70), "--out", str(t / "o")],
      "seed = .* is too large"),
     ("huge train seed", lambda t: ["train", "--config", _recipe(t), "--seed", str(2**64), "--data", str(t),

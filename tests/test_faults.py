@@ -429,7 +429,8 @@ def test_full_disk_during_simulate_is_one_error_and_keeps_the_previous_dataset(s
     validate_dataset(disk / "ds")
 
 
-def test_full_disk_during_reconstruct_leaves_no_partial_file_and_the_old_one_intact(smoke_dataset, small_disk, tmp_path):
+def test_full_disk_during_reconstruct_leaves_no_partial_file_and_the_old_one_intact(smoke_dataset, small_disk,
+                                                                                    tmp_path):
     import h5py
 
     from fbsemlib.data import PETDataset

@@ -39,8 +39,8 @@ from fbsemlib.training import load_trained
 from fbsemlib.outputs import atomic_write_json, atomic_write_text, check_output_folder, ensure_writable
 from fbsemlib.training.model_io import RUN_FILES
 
-__all__ = ["evaluate", "lesion_metrics", "white_matter_mask", "summarise", "prepare_evaluation_folder", "write_evaluation",
-           "print_summary"]
+__all__ = ["evaluate", "lesion_metrics", "white_matter_mask", "summarise", "prepare_evaluation_folder",
+           "write_evaluation", "print_summary"]
 
 METRIC_KEYS = ("nrmse", "psnr", "ssim", "crc_hot", "crc_cold", "bv_wm")
 

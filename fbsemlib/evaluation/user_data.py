@@ -64,8 +64,10 @@ def read_sinogram_file(path: Path) -> dict:
             return {k: _tensor(v, path, k) for k, v in d.items() if k in _INPUT_KEYS}
     except UserError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError) as e:
-        raise UserError(f"cannot read sinogram file {str(path)!r} ({type(e).__name__}: {e}); give {_FORMATS}") from None
+    except Exception as e:  # noqa: BLE001 - h5py, NumPy and torch's unpickler raise many kinds on damaged files
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot read sinogram file {str(path)!r} ({type(e).__name__}: {first}); "
+                        f"give {_FORMATS}") from None
     raise UserError(f"unsupported sinogram file {str(path)!r}: give {_FORMATS}")
 
 

@@ -58,7 +58,8 @@ from fbsemlib.training.checkpoint import atomic_torch_save, atomic_write_json, a
 from fbsemlib.training.config import OPERATIONAL_FIELDS, TrainConfig, TrainingDiverged, TrainingError
 from fbsemlib.training.device import same_device
 from fbsemlib.training.loading import LoadedBatch, TrainingSamples, batches, collate, dataset_info
-from fbsemlib.training.model_io import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VS_NOW, FORMAT_VERSION, MODEL_NAME, RUN_FILES, save_model
+from fbsemlib.training.model_io import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VS_NOW, FORMAT_VERSION, MODEL_NAME,
+                                        RUN_FILES, save_model)
 from fbsemlib.training.optim import make_optimizer
 from fbsemlib.training.runlog import RunLog, yaml_text
 

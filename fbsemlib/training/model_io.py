@@ -28,8 +28,8 @@ from fbsemlib.training.checkpoint import atomic_torch_save, load_checkpoint
 from fbsemlib.training.config import TrainConfig
 from fbsemlib.training.device import resolve_device
 
-__all__ = ["CHECKPOINT_NAME", "MODEL_NAME", "RUN_FILES", "state_checksum", "CHECKPOINT_FORMAT", "MODEL_FORMAT", "FORMAT_VERSION", "save_model",
-           "load_trained"]
+__all__ = ["CHECKPOINT_NAME", "MODEL_NAME", "RUN_FILES", "state_checksum", "CHECKPOINT_FORMAT", "MODEL_FORMAT",
+           "FORMAT_VERSION", "save_model", "load_trained"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
