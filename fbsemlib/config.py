@@ -45,6 +45,7 @@ from typing import Any, Mapping
 import yaml
 
 from fbsemlib.errors import UserError
+from fbsemlib.provenance import is_number
 
 __all__ = ["ConfigError", "SECTIONS", "LIMITS", "check_limit", "available_cores", "available_memory_bytes",
            "did_you_mean", "unknown_key_error", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
@@ -348,10 +349,6 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def diff(a: Any, b: Any, names: tuple[str, str] = ("a", "b"), prefix: str = "", sep: str = ", ",
          rel_tol: float = 0.0, abs_tol: float = 0.0) -> list[str]:
     """Human-readable differences between two JSON-like values (dicts, lists, scalars).
@@ -385,7 +382,7 @@ def diff(a: Any, b: Any, names: tuple[str, str] = ("a", "b"), prefix: str = "", 
             if len(a) == len(b) and not any(walk(x, y, prefix) for x, y in zip(a, b)):
                 return []
             return [line(prefix, repr(list(a)), repr(list(b)))]
-        if _is_number(a) and _is_number(b):
+        if is_number(a) and is_number(b):
             fa, fb = float(a), float(b)
             if math.isclose(fa, fb, rel_tol=rel_tol, abs_tol=abs_tol) or (math.isnan(fa) and math.isnan(fb)):
                 return []

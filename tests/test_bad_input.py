@@ -93,8 +93,11 @@ def test_api_bad_input(case):
         fn()
 
 
-def _recipe(tmp_path, **changes):
+def _recipe(tmp_path, rename: dict | None = None, **changes):
+    """The smoke experiment with sections renamed (``{old: new}``) and ``section.key`` values changed."""
     sections = yaml.safe_load((ROOT / "data" / "smoke.yaml").read_text())
+    for old, new in (rename or {}).items():
+        sections[new] = sections.pop(old)
     for k, v in changes.items():
         sec, key = k.split(".")
         sections[sec][key] = v
@@ -193,18 +196,6 @@ def test_read_only_output_folder(tmp_path, capsys):  # pragma: no cover - CI run
 # issue 13, class 2: nothing silent (a misspelt section, missing factors, a damaged model,
 # a non-finite image, an output name that is not what is written)
 # ----------------------------------------------------------------------------------------
-def _sections_file(tmp_path, rename: dict | None = None, **changes) -> str:
-    sections = yaml.safe_load((ROOT / "data" / "smoke.yaml").read_text())
-    for old, new in (rename or {}).items():
-        sections[new] = sections.pop(old)
-    for k, v in changes.items():
-        sec, key = k.split(".")
-        sections[sec][key] = v
-    p = tmp_path / "exp.yaml"
-    p.write_text(yaml.safe_dump(sections))
-    return str(p)
-
-
 SILENT_CONFIG_CASES = [
     ("capitalised section", {"model": "Model"}, {}, r"unknown section 'Model' \(did you mean 'model'\?\)"),
     ("misspelt section", {"train": "trian"}, {}, r"unknown section 'trian' \(did you mean 'train'\?\)"),
@@ -222,7 +213,7 @@ def test_misspelt_config_is_an_error_with_a_hint(case, tmp_path, capsys):
 
     _, rename, changes, match = case
     out = tmp_path / "run"
-    rc = main(["train", "--config", _sections_file(tmp_path, rename, **changes), "--data", str(tmp_path / "nodata"),
+    rc = main(["train", "--config", _recipe(tmp_path, rename, **changes), "--data", str(tmp_path / "nodata"),
                "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and re.search(match, err), err
