@@ -257,3 +257,14 @@ def test_a_read_only_file_system_is_one_error_line_and_changes_nothing(smoke_mod
         assert digest(mnt) == before
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_evaluate_never_replaces_an_evaluation_unless_asked(smoke_model, smoke_dataset, tmp_path, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "evaluation.json").write_text('{"an": "earlier evaluation"}')
+    t0 = time.monotonic()
+    rc, err = run_cli(["evaluate", "--model", smoke_model, "--data", smoke_dataset, "--out", out], capsys)
+    assert rc == 2 and "already holds evaluation.json: refusing to overwrite (give --overwrite" in err
+    assert time.monotonic() - t0 < 30  # refused before the work
+    assert (out / "evaluation.json").read_text() == '{"an": "earlier evaluation"}'

@@ -65,6 +65,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--out", default=None, help="where to write the JSON + CSV table (default: --model)")
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
 
 
 def _add_reconstruct(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ def cmd_evaluate(args) -> int:
     out = args.out or args.model
     if not Path(args.model).is_dir():
         raise UserError(f"model folder {args.model!r} does not exist")
-    prepare_evaluation_folder(out)  # before the work: a folder that cannot take the results is refused now
+    prepare_evaluation_folder(out, overwrite=args.overwrite)  # before the work: a folder that cannot take the results is refused now
     try:
         res = evaluate(args.model, args.data, device=args.device, progress=True)
     except DatasetError as e:

@@ -207,10 +207,18 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
             "time_s": time.time() - t0}
 
 
-def prepare_evaluation_folder(out_dir) -> Path:
+EVALUATION_FILES = ("evaluation.json", "evaluation.csv")
+
+
+def prepare_evaluation_folder(out_dir, overwrite: bool = True) -> Path:
     """Check, before any work, that ``out_dir`` may receive an evaluation (the output-folder
-    rule: new, empty, a training run or an evaluation) and can be written."""
+    rule: new, empty, a training run or an evaluation), that it can be written and, unless
+    ``overwrite``, that it holds no evaluation yet."""
     check_output_folder(out_dir, "training run or evaluation", RUN_FILES)
+    found = [n for n in EVALUATION_FILES if (Path(out_dir) / n).exists()]
+    if found and not overwrite:
+        raise UserError(f"{str(out_dir)!r} already holds {' and '.join(found)}: refusing to overwrite "
+                        "(give --overwrite or another --out)")
     return ensure_writable(out_dir, "the evaluation folder")
 
 
@@ -218,12 +226,12 @@ def write_evaluation(result: dict, out_dir) -> tuple[Path, Path]:
     """``evaluation.json`` and ``evaluation.csv`` in ``out_dir`` (atomic; the folder rule of
     :func:`prepare_evaluation_folder`)."""
     out = prepare_evaluation_folder(out_dir)
-    jpath = atomic_write_json(out / "evaluation.json", result)
+    jpath = atomic_write_json(out / EVALUATION_FILES[0], result)
     cols = ["method", "strength", "sample", "subject", "image", "realisation", *METRIC_KEYS]
     lines = [",".join(cols)]
     for r in result["rows"]:
         lines.append(",".join("" if r.get(c) is None else str(r.get(c)) for c in cols))
-    cpath = atomic_write_text(out / "evaluation.csv", "\n".join(lines) + "\n")
+    cpath = atomic_write_text(out / EVALUATION_FILES[1], "\n".join(lines) + "\n")
     return jpath, cpath
 
 
