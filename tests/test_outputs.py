@@ -268,3 +268,20 @@ def test_evaluate_never_replaces_an_evaluation_unless_asked(smoke_model, smoke_d
     assert rc == 2 and "already holds evaluation.json: refusing to overwrite (give --overwrite" in err
     assert time.monotonic() - t0 < 30  # refused before the work
     assert (out / "evaluation.json").read_text() == '{"an": "earlier evaluation"}'
+
+
+def test_a_second_simulate_of_the_same_dataset_is_refused_while_the_first_runs(tmp_path, capsys):
+    from fbsemlib.data import load_data_config, recipe_hash
+
+    out = tmp_path / "ds"
+    tmp = tmp_path / f"ds.tmp-{recipe_hash(load_data_config(SMOKE))[:12]}"
+    p = _holder(tmp)  # what a running simulation holds
+    try:
+        rc, err = run_cli(["simulate", "--config", SMOKE, "--out", out, "--no-progress"], capsys)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert rc == 2 and f"in use by another process (pid {p.pid})" in err
+    assert not out.exists() and sorted(x.name for x in tmp.iterdir()) == [".lock"]
+    rc, err = run_cli(["simulate", "--config", SMOKE, "--out", out, "--no-progress"], capsys)  # the owner was killed
+    assert rc == 0 and not tmp.exists() and not (out / ".lock").exists()

@@ -94,7 +94,7 @@ from fbsemlib.data.format import (
 from fbsemlib.data.phantoms import make_subject
 from fbsemlib.data.recipe import DataConfig, recipe_hash
 from fbsemlib.data.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, SUBJECT_FILE
-from fbsemlib.outputs import check_output_folder
+from fbsemlib.outputs import LOCK_NAME, FolderLock, check_output_folder
 from fbsemlib.physics.cache import shared_projector
 from fbsemlib.physics.forward_model import PETForwardModel, attenuation_factors, normalisation_factors
 from fbsemlib.physics.psf import FWHM_TO_SIGMA, gaussian_filter
@@ -383,8 +383,6 @@ def simulate_dataset(
 
     Returns the dataset's :class:`~fbsemlib.data.format.DatasetInfo`; its ``summary()`` holds
     subjects per split, samples, count range, disk size, time and whether it was reused."""
-    from tqdm import tqdm
-
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
     say = log or (lambda msg: None)
@@ -411,10 +409,23 @@ def simulate_dataset(
     tmp = parent / f"{out.name}.tmp-{h[:12]}"
     try:
         tmp.mkdir(exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write into {str(tmp)!r}: {e.strerror or e}") from None
+    with FolderLock(tmp, "the dataset being simulated in"):  # one simulation per folder; a killed one leaves none
+        manifest = _simulate_into(tmp, cfg, h, device, progress, say, t0)
+        (tmp / LOCK_NAME).unlink(missing_ok=True)
+        _move_into_place(tmp, out, parent, h)
+    return DatasetInfo(out, manifest)
+
+
+def _simulate_into(tmp: Path, cfg: DataConfig, h: str, device, progress: bool, say, t0: float) -> dict:
+    """Simulate every subject not yet complete in ``tmp`` and write the manifest; returns it."""
+    from tqdm import tqdm
+
+    try:
         (tmp / "recipe.json").write_text(dumps({"recipe_hash": h, "recipe": cfg.to_dict()}) + "\n")
     except OSError as e:
         raise ConfigError(f"cannot write into {str(tmp)!r}: {e.strerror or e}") from None
-
     splits = split_subjects(cfg)
     split_of = {i: s for s, ids in splits.items() for i in ids}
     ctx = SimulationContext(cfg, device)
@@ -454,7 +465,12 @@ def simulate_dataset(
     )
     write_manifest(tmp, manifest)
     (tmp / "recipe.json").unlink(missing_ok=True)
-    # move into place
+    return manifest
+
+
+def _move_into_place(tmp: Path, out: Path, parent: Path, h: str) -> None:
+    """Rename the complete ``tmp`` to ``out`` (an existing ``out`` is renamed away first and
+    removed after)."""
     if out.exists():
         old = parent / f"{out.name}.old-{h[:12]}-{os.getpid()}"
         os.replace(out, old)
@@ -462,7 +478,6 @@ def simulate_dataset(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    return DatasetInfo(out, manifest)
 
 
 def cached_dataset(cfg: DataConfig, root: str | os.PathLike | None = None, *, progress: bool = True,
