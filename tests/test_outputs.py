@@ -285,3 +285,15 @@ def test_a_second_simulate_of_the_same_dataset_is_refused_while_the_first_runs(t
     assert not out.exists() and sorted(x.name for x in tmp.iterdir()) == [".lock"]
     rc, err = run_cli(["simulate", "--config", SMOKE, "--out", out, "--no-progress"], capsys)  # the owner was killed
     assert rc == 0 and not tmp.exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), __import__("torch").OutOfMemoryError("CUDA out of memory. Tried 9 GiB")])
+def test_running_out_of_memory_is_one_error_line(exc, smoke_dataset, tmp_path, capsys, monkeypatch):
+    import fbsemlib.cli.train as cli_train
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(cli_train, "make_trainer", boom)
+    rc, err = run_cli(_train_argv(smoke_dataset, tmp_path / "run"), capsys)
+    assert rc == 2 and err.startswith("error: out of memory: reduce the sizes") and err.count("\n") == 1, err

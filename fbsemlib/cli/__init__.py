@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError, MemoryError) as e:
         print(f"error: {failure_message(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch's (CPU or CUDA allocator); other errors are bugs
+            raise
+        print(f"error: {failure_message(MemoryError())} ({str(e).splitlines()[0] if str(e) else 'out of memory'})",
+              file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 
