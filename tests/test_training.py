@@ -528,3 +528,19 @@ def test_cli_train_on_the_smoke_dataset(smoke_dataset, tmp_path, capsys):
     with torch.no_grad():
         x = net(b["y"], b["multiplicative"], b["additive"], b["mr"])
     assert x.shape == b["target_final"].shape and bool(torch.isfinite(x).all())
+
+
+def test_memory_cache_that_does_not_fit_is_refused_before_training(tmp_path, monkeypatch):
+    """``cache: memory`` is checked against the memory available before any stage runs; ``auto``
+    falls back to disk in the same situation."""
+    from fbsemlib.errors import UserError
+    from fbsemlib.training import sequential
+
+    monkeypatch.setattr(sequential, "available_memory_bytes", lambda: 1024)
+    ds, val = data(1, 2)
+    tr = SequentialTrainer(make_net(1, 2), ds, val, cfg(cache="memory"), tmp_path / "memory", progress=False)
+    with pytest.raises(UserError, match=r"cache: memory needs .* GiB .* available; use cache: disk or auto"):
+        tr.fit()
+    assert not (tmp_path / "memory" / "model.pt").exists()
+    m = SequentialTrainer(make_net(1, 2), ds, val, cfg(cache="auto"), tmp_path / "auto", progress=False).fit()
+    assert m["cache"] == "disk"

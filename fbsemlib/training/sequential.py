@@ -43,11 +43,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fbsemlib.config import available_memory_bytes
 from fbsemlib.data.batch import PETBatch
 from fbsemlib.models.fbsem import UnrollContext
 from fbsemlib.models.losses import relative_mse
 from fbsemlib.training import distributed as _dist
 from fbsemlib.training.base import Trainer, relative_error
+from fbsemlib.training.config import TrainingError
 from fbsemlib.training.loading import LoadedBatch, batches, epoch_permutation
 from fbsemlib.training.optim import EarlyStop, clone_state
 from fbsemlib.training.stage_cache import ImageCache, SplitCache, cache_bytes
@@ -91,12 +93,17 @@ class SequentialTrainer(Trainer):
     def _where(self) -> str:
         if self._cache_where is None:
             c = self.config
+            need = cache_bytes(sum(len(d) for d in self._splits().values()),
+                               int(np.prod(self.model.projector.in_shape)))
+            avail = available_memory_bytes()
+            fits = avail is None or need <= avail
+            if c.cache == "memory" and not fits:
+                raise TrainingError(f"train.cache: memory needs {need / 2**30:.2f} GiB for the sequential cache but "
+                                    f"only {avail / 2**30:.2f} GiB of memory are available; use cache: disk or auto")
             if c.cache != "auto":
                 self._cache_where = c.cache
             else:
-                need = cache_bytes(sum(len(d) for d in self._splits().values()),
-                                   int(np.prod(self.model.projector.in_shape)))
-                self._cache_where = "memory" if need <= c.cache_memory_mb * 2**20 else "disk"
+                self._cache_where = "memory" if fits and need <= c.cache_memory_mb * 2**20 else "disk"
         return self._cache_where
 
     def _new_cache(self, split: str, n: int, name: str, dtype=torch.float32) -> ImageCache:
