@@ -73,3 +73,15 @@ def test_chapter_defaults_of_the_book_chapters():
         for profile in ("smoke", "cpu", "paper"):
             d = chapter_defaults(n, profile, root=root)
             assert isinstance(d["seeds"], list) and all(isinstance(s, int) for s in d["seeds"])
+
+
+def test_build_and_source_folders_are_not_book_pages():
+    """Folders that `make` creates (the venv, the parallelproj build with its READMEs, caches) and
+    the code folders are excluded from the Sphinx build: a Markdown file there would be a page
+    outside the table of contents, a warning that `-W` turns into a failed `make book`."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    excluded = set(yaml.safe_load((root / "_config.yml").read_text())["exclude_patterns"])
+    for folder in (".venv", ".parallelproj", ".cache", "fbsemlib", "fbsembook", "tests", "examples", "tools"):
+        assert folder in excluded, folder
