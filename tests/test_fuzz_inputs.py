@@ -24,7 +24,7 @@ from fbsemlib.evaluation.user_data import _checked_inputs, read_sinogram_file  #
 from fbsemlib.evaluation.baselines import BaselineConfig  # noqa: E402
 from fbsemlib.training.config import TrainConfig, parse_model_section  # noqa: E402
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
