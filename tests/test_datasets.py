@@ -99,6 +99,23 @@ def test_sample_contract_is_petbatch(ds_dir):
     assert b.batch_size == 2 and torch.equal(b.targets[1], ds[1]["targets"])
 
 
+def test_batch_to_and_pin_memory_keep_the_class_and_absent_fields(ds_dir, monkeypatch):
+    """``to`` converts floating fields only; ``pin_memory`` (a CUDA DataLoader's call) pins
+    every tensor; both keep a subclass such as the trainers' ``LoadedBatch`` and its ``None``s."""
+    from fbsemlib.data import PETBatch
+    from fbsemlib.training.loading import LoadedBatch
+
+    s = PETBatch.from_mapping(PETDataset(ds_dir, "train")[0])
+    d = s.to("cpu", torch.float64)
+    assert d.y.dtype == torch.float64 and d.brain_mask.dtype == torch.bool and d.index == s.index
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self.clone())
+    lb = LoadedBatch(**{**s.as_dict(), "activity": None, "brain_mask": None})
+    p = lb.pin_memory()
+    assert type(p) is LoadedBatch and p.activity is None and p.brain_mask is None
+    assert len(pinned) == 6 and torch.equal(p.y, s.y) and p.y is not s.y
+
+
 def test_projectors_are_the_shared_ones(ds_dir):
     """The simulation, the dataset's info and every split use the one projector of
     fbsemlib.physics.cache for the same geometry (its system matrices are built once)."""

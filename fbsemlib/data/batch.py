@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -55,17 +55,21 @@ class PETBatch:
         """The fields as a dict (the dataset's sample form)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PETBatch":
+        """A copy of the same class with ``fn`` applied to every tensor field (``None`` and
+        integer fields as they are)."""
+        return type(self)(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in self.as_dict().items()})
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> "PETBatch":
         """A copy with every tensor moved to ``device``; ``dtype`` converts the floating
         fields (the mask stays boolean, the indices integer)."""
-        out = {}
-        for k, v in self.as_dict().items():
-            if isinstance(v, torch.Tensor):
-                cast = dtype if (dtype is not None and v.is_floating_point()) else None
-                v = v.to(device=device, dtype=cast, non_blocking=non_blocking)
-            out[k] = v
-        return PETBatch(**out)
+        return self._map_tensors(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None,
+                                                non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PETBatch":
+        """A copy in pinned memory (what a CUDA :class:`~torch.utils.data.DataLoader` calls)."""
+        return self._map_tensors(torch.Tensor.pin_memory)
 
     @property
     def batch_size(self) -> int:

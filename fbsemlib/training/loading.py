@@ -45,11 +45,7 @@ class LoadedBatch(PETBatch):
     (``activity``, ``brain_mask``; ``targets`` when a stage does not need them) are
     ``None``, ``targets`` may hold only the target of one stage (``K' = 1``), and
     ``index`` is the position of each sample in its dataset (the row of the sequential
-    cache). ``pin_memory`` lets a CUDA :class:`~torch.utils.data.DataLoader` pin it."""
-
-    def pin_memory(self) -> "LoadedBatch":
-        return LoadedBatch(**{k: v.pin_memory() if isinstance(v, torch.Tensor) else v
-                              for k, v in self.as_dict().items()})
+    cache)."""
 
 
 class TrainingSamples(Dataset):
