@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fbsemlib.data import DatasetError
 from fbsemlib.errors import UserError
 from fbsemlib.evaluation.evaluator import evaluate, prepare_evaluation_folder, print_summary, write_evaluation
 from fbsemlib.evaluation.user_data import reconstruct_file
@@ -16,10 +15,7 @@ def cmd_evaluate(args) -> int:
     if not Path(args.model).is_dir():
         raise UserError(f"model folder {args.model!r} does not exist")
     prepare_evaluation_folder(out, overwrite=args.overwrite)  # before the work: a folder that cannot take the results is refused now
-    try:
-        res = evaluate(args.model, args.data, device=args.device, progress=True)
-    except DatasetError as e:
-        raise UserError(str(e)) from e
+    res = evaluate(args.model, args.data, device=args.device, progress=True)  # a DatasetError is a UserError
     print_summary(res)
     j, c = write_evaluation(res, out)
     print(f"wrote {j} and {c}")

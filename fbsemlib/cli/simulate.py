@@ -35,10 +35,8 @@ def cmd_simulate(args) -> int:
     try:
         info = simulate_dataset(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress,
                                 device=device, log=lambda m: print(m, file=sys.stderr))
-    except PermissionError as e:
-        raise UserError(f"output folder {args.out!r} cannot be written: {e}") from None
     except OSError as e:
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):  # PermissionError included
             raise UserError(f"output folder {args.out!r} cannot be written: {e}") from None
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"no space left while writing {args.out!r} ({e}); the finished subjects stay in "
@@ -58,7 +56,7 @@ def cmd_simulate(args) -> int:
     if "counts_min" in s:
         print(f"  counts per sample: {s['counts_min']:.3g} .. {s['counts_max']:.3g} (expected total); "
               f"high-count reference {cfg.high_count:.3g}")
-    size = s.get("disk_bytes", _dir_size(info.path))
+    size = s["disk_bytes"] if "disk_bytes" in s else _dir_size(info.path)  # walk the folder only when needed
     print(f"  disk: {_fmt_bytes(size)}; time: {s.get('seconds', 0.0):.1f} s"
           + (f" (resumed {s['resumed_subjects']} subjects)" if s.get("resumed_subjects") else ""))
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fbsemlib.config import ConfigError, from_dict, load_experiment
-from fbsemlib.data import DataConfig, DatasetError, PETDataset, cached_dataset, open_dataset
+from fbsemlib.data import DataConfig, PETDataset, cached_dataset
 from fbsemlib.errors import UserError
 from fbsemlib.models.fbsem import FBSEMNet
 from fbsemlib.outputs import check_output_folder
@@ -25,12 +25,10 @@ __all__ = ["cmd_train"]
 
 
 def _open_datasets(data_dir: Path):
-    try:
-        info = open_dataset(data_dir)
-    except DatasetError as e:
-        raise UserError(str(e)) from None
-    train = PETDataset(data_dir, "train", checksums=False)
-    val = PETDataset(data_dir, "validation", checksums=False) if info.subjects("validation") else None
+    """The train and validation splits; the first opening validates the whole dataset (every
+    file's checksum), so the validation split does not hash it again."""
+    train = PETDataset(data_dir, "train")
+    val = PETDataset(data_dir, "validation", checksums=False) if train.info_.subjects("validation") else None
     return train, val
 
 
