@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from fbsemlib.physics.geometry import ImageGrid, sinogram_geometry_from_dict
-from fbsemlib.physics.projector import Projector, parallelproj_available
+from fbsemlib.physics.projector import Projector, parallelproj_available, resolved_device
 
 __all__ = ["CACHE_SIZE", "shared_projector", "projector_spec", "projector_from_spec", "clear"]
 
@@ -44,9 +44,7 @@ def shared_projector(geometry, grid: ImageGrid, *, device: str | torch.device = 
                      psf_fwhm_mm: Sequence[float] | float | None = None, **options: Any) -> Projector:
     """The process-wide projector for this geometry, grid, PSF, backend and device (built on
     first use). ``options`` are passed to :class:`Projector` and are part of the key."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" are the same device
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = resolved_device(torch.device(device))  # "cuda" and "cuda:<current>" are one key
     key = _key(geometry, grid, backend, dev, psf_fwhm_mm, options)
     with _lock:
         P = _cache.get(key)

@@ -216,7 +216,7 @@ class Projector(LinearOperator):
     def to(self, device: str | torch.device) -> "Projector":
         """This projector on ``device``: itself when it is there already, else a new one
         with the same options (its matrices are built there on first use)."""
-        if _resolved(torch.device(device)) == _resolved(self._device):
+        if resolved_device(torch.device(device)) == resolved_device(self._device):
             return self
         return Projector(self.sinogram, self.grid, self._backend_arg, device, **self._options)
 
@@ -284,7 +284,7 @@ class Projector(LinearOperator):
         return x.reshape((N,) + self.in_shape)
 
 
-def _resolved(device: torch.device) -> torch.device:
+def resolved_device(device: torch.device) -> torch.device:
     """``device`` with the current CUDA device's index made explicit (``cuda`` -> ``cuda:0``)."""
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fbsemlib.errors import UserError
+from fbsemlib.physics.projector import resolved_device
 
 __all__ = ["resolve_device", "same_device"]
 
@@ -26,10 +27,4 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether ``a`` and ``b`` are one device (``cuda`` means the current CUDA device)."""
-    if a.type != b.type:
-        return False
-    if a.type == "cuda":
-        ia = torch.cuda.current_device() if a.index is None else a.index
-        ib = torch.cuda.current_device() if b.index is None else b.index
-        return ia == ib
-    return True
+    return resolved_device(a) == resolved_device(b)
