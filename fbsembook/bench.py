@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fbsemlib import __version__
+from fbsemlib.outputs import atomic_write_json
 from fbsemlib.physics import ImageGrid, ParallelBeamGeometry, Projector, parallelproj_available, sinogram_preset
 from fbsembook.verdicts import (FLAT_FROM_K, FLAT_TOLERANCE, MEMORY_CLAIM, PROJECTOR_SPEEDUP_BATCH1,
                                 PROJECTOR_SPEEDUP_BATCHN, TIME_RATIO_TARGET)
@@ -91,10 +92,7 @@ def write_results(name: str, rows: list[dict], out_dir: str | Path | None = None
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     doc = {"benchmark": name, "machine": machine_info(), "rows": rows, **(extra or {})}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=float))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, doc)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from fbsemlib.config import from_dict, load_experiment
 from fbsemlib.evaluation import BaselineConfig
 from fbsemlib.evaluation.baselines import SweepResult
 from fbsemlib.evaluation.baselines import sweep as _sweep
+from fbsemlib.outputs import atomic_write_json
 
 __all__ = ["load_profile", "profile_path", "dataset", "train", "evaluate", "baseline_sweep", "config_hash",
            "named_run", "NAMED_RUNS", "baseline_config", "method_mean", "method_std", "evaluate_fixed_strengths",
@@ -80,12 +80,11 @@ def config_hash(obj: Any) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename), so that
-    an interrupted build never leaves a truncated cache entry."""
+    an interrupted build never leaves a truncated cache entry, and chapters writing the same
+    entry at once never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, default=float))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)  # a temporary file of its own per writer, fsync, rename
 
 
 def _cache_root() -> Path:
