@@ -18,8 +18,11 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 def _add_book(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["build", "run", "execute", "html"], help="build = execute all + html")
     p.add_argument("chapter", nargs="?", default=None, help="chapter number or name (for run)")
-    p.add_argument("--profile", default=None, help="smoke | cpu | paper")
-    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    p.add_argument("--profile", default=None,
+                   help="smoke | cpu | paper, or the path of your own experiment YAML (a copy of data/<profile>.yaml)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a chapter parameter (-p seeds '[0, 1]') or, dotted, an override of the profile "
+                        "(-p model.width 32, -p data.counts_range '[1e5, 1e6]'); values are YAML")
     p.add_argument("--jobs", type=int, default=1)
 
 

@@ -1,7 +1,9 @@
 """Executing the chapters: each MyST source is converted with jupytext and run with
 papermill (one chapter per worker process, ``jobs`` at a time) into
 ``book/_executed/NN_slug.ipynb``, with ``profile`` and the ``-p NAME VALUE`` overrides
-injected into the chapters that declare them.
+injected into the chapters that declare them. Dotted names (``-p section.field VALUE``) are
+overrides of the profile (:mod:`fbsembook.overrides`): checked here, then passed to every
+chapter in ``$FBSEM_OVERRIDES``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from fbsemlib.errors import UserError
 from fbsembook.chapters import BOOK_DIR, EXECUTED_DIR, Chapter, chapters, convert, notebook_parameters, source_sha256
+from fbsembook.overrides import OVERRIDES_ENV, active_overrides, split_overrides, validate_overrides
+from fbsembook.presentation import present
 from fbsembook.profiles import PROFILE_ENV, book_root, resolve_profile
 
 __all__ = ["KERNEL_NAME", "parse_parameter_values", "execute"]
@@ -36,21 +40,36 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 def parse_parameter_values(pairs: Iterable[Iterable[str]]) -> dict[str, Any]:
     """``[("image_size", "64"), ("scanner", "tiny2d")]`` -> values parsed as YAML
     (``64`` an int, ``1e-3`` a float, ``true`` a bool, ``null`` None, ``[1, 2]`` a list,
-    ``'64'`` the string, anything else a string)."""
+    ``'64'`` the string, anything else a string). A dotted name (``data.counts_range``) is an
+    override of the profile (:mod:`fbsembook.overrides`)."""
     import yaml
 
     out: dict[str, Any] = {}
     for name, value in pairs:
-        if not name.isidentifier():
-            raise UserError(f"parameter name {name!r} is not a Python identifier")
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise UserError(f"parameter name {name!r} is neither a Python identifier (a chapter parameter) nor "
+                            "dotted identifiers (a profile override, 'section.field')")
         try:
             v = yaml.safe_load(value) if value.strip() != "" else ""
         except yaml.YAMLError:
             v = value
-        if isinstance(v, str) and _FLOAT.fullmatch(value.strip()):
-            v = float(value)  # YAML 1.1 reads `1e-3` as a string
-        out[name] = v
+        if isinstance(v, str):  # a quoted '1e5' stays a string
+            out[name] = float(value) if _FLOAT.fullmatch(value.strip()) else v
+        else:
+            out[name] = _floats(v)
     return out
+
+
+def _floats(v: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: such strings, also inside lists and
+    mappings (``[1e5, 1e6]``), as floats."""
+    if isinstance(v, str) and _FLOAT.fullmatch(v.strip()):
+        return float(v)
+    if isinstance(v, list):
+        return [_floats(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _floats(x) for k, x in v.items()}
+    return v
 
 
 # ----------------------------------------------------------------------------------------
@@ -59,9 +78,12 @@ def parse_parameter_values(pairs: Iterable[Iterable[str]]) -> dict[str, Any]:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _kernel_env(profile: str, jobs: int, spec_dir: Path) -> dict[str, str]:
+def _kernel_env(profile: str, jobs: int, spec_dir: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env[PROFILE_ENV] = profile
+    env.pop(OVERRIDES_ENV, None)
+    if overrides:
+        env[OVERRIDES_ENV] = json.dumps(dict(overrides))
     # the inline backend must draw the figures (a test runner may have set Agg)
     env.pop("MPLBACKEND", None)
     # `python3` is this interpreter's kernel, whatever kernels the user has installed
@@ -134,12 +156,15 @@ def _execute_one(job: dict) -> dict:
         nbx = nbformat.read(tmp, as_version=4)
         nbx.metadata["fbsem"] = {
             "profile": job["profile"],
-            "parameters": {k: v for k, v in job["parameters"].items() if k != "profile"},
+            "parameters": {**{k: v for k, v in job["parameters"].items() if k != "profile"}, **job["overrides"]},
+            "overrides": job["overrides"],
             "source": f"{BOOK_DIR}/{src.name}",
             "source_sha256": job["sha256"],
             "executed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 2),
         }
+        # fold the plumbing, put the rerun box under the title (fbsembook.presentation)
+        present(nbx, job["name"], job["profile"], nbx.metadata["fbsem"]["parameters"], seconds)
         nbformat.write(nbx, tmp)
         os.replace(tmp, out)
         if failed.exists():
@@ -194,12 +219,20 @@ def execute(
 ) -> list[dict]:
     """Execute chapters (default: all of ``_toc.yml``) with papermill, ``jobs`` at a time,
     into ``book/_executed/``. Each of ``parameters`` is injected into the chapters whose
-    ``parameters`` cell declares it (a name that none declares is an error). Returns one
-    result dict per chapter."""
+    ``parameters`` cell declares it (a name that none declares is an error); dotted names
+    are overrides of the profile, checked against it and given to every chapter (with those
+    of ``$FBSEM_OVERRIDES``). Returns one result dict per chapter."""
+    from fbsemlib.config import load_experiment
+    from fbsembook.experiments import profile_path
+
     root = Path(root) if root is not None else book_root()
-    profile = resolve_profile(profile)
-    parameters = dict(parameters or {})
+    try:
+        profile = resolve_profile(profile)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    parameters, overrides = split_overrides(dict(parameters or {}))
     parameters.pop("profile", None)
+    overrides = validate_overrides(load_experiment(profile_path(profile)), {**active_overrides(), **overrides})
     chs = chapters(root) if chapter_list is None else chapter_list
     if not chs:
         echo("no chapters to execute (none listed under book/_executed/ in _toc.yml)")
@@ -208,16 +241,17 @@ def execute(
     (root / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
     jobs = max(1, min(int(jobs or 1), len(chs)))
     echo(f"executing {len(chs)} chapter(s), profile {profile}, {jobs} at a time"
-         + (f", parameters {parameters}" if parameters else ""))
+         + (f", parameters {parameters}" if parameters else "")
+         + (f", profile overrides {overrides}" if overrides else ""))
     results: list[dict] = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fbsem-kernel-") as spec_dir:
         _write_kernel_spec(Path(spec_dir))
-        env = _kernel_env(profile, jobs, Path(spec_dir))
+        env = _kernel_env(profile, jobs, Path(spec_dir), overrides)
         job_list = [
             dict(name=c.name, source=str(c.source), executed=str(c.executed), profile=profile,
                  parameters={"profile": profile, **{k: v for k, v in parameters.items() if k in declared[c.name]}},
-                 sha256=source_sha256(c.source), env=env)
+                 overrides=overrides, sha256=source_sha256(c.source), env=env)
             for c in chs
         ]
         with ProcessPoolExecutor(max_workers=jobs) as pool:

@@ -24,7 +24,6 @@ reads one and applies dotted overrides (``{"train.epochs": 3, "model.shared": Tr
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -61,17 +60,13 @@ def profile_path(profile: str) -> Path:
 
 
 def load_profile(profile: str, overrides: dict[str, Any] | None = None) -> dict:
-    """The sections of an experiment file with dotted-key ``overrides`` applied."""
-    sections = copy.deepcopy(load_experiment(profile_path(profile)))
-    for key, value in (overrides or {}).items():
-        parts = key.split(".")
-        if len(parts) < 2:
-            raise ValueError(f"override keys are 'section.field', got {key!r}")
-        d = sections.setdefault(parts[0], {})
-        for p in parts[1:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = value
-    return sections
+    """The sections of an experiment file with the reader's overrides
+    (:func:`fbsembook.overrides.active_overrides`: ``fbsem book run -p section.field VALUE``),
+    then the dotted-key ``overrides`` of the caller, applied."""
+    from fbsembook.overrides import active_overrides, apply_overrides
+
+    sections = load_experiment(profile_path(profile))
+    return apply_overrides(apply_overrides(sections, active_overrides()), overrides)
 
 
 def config_hash(obj: Any) -> str:

@@ -43,7 +43,12 @@ MEMORY_3D: dict[str, dict] = {
 
 
 def memory_3d_kwargs(profile: str) -> dict:
-    """A copy of :data:`MEMORY_3D` for ``profile``."""
+    """A copy of :data:`MEMORY_3D` for ``profile`` (one's own experiment file: that of
+    :func:`fbsembook.profiles.base_profile`)."""
+    from fbsembook.profiles import PROFILES, base_profile
+
+    if profile not in PROFILES and str(profile).endswith((".yaml", ".yml")):
+        profile = base_profile(profile)
     if profile not in MEMORY_3D:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(MEMORY_3D)}")
     return json.loads(json.dumps(MEMORY_3D[profile]))

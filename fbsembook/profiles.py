@@ -39,6 +39,7 @@ __all__ = [
     "book_root",
     "cache_dir",
     "resolve_profile",
+    "base_profile",
     "profile_params",
     "pick_device",
 ]
@@ -101,11 +102,33 @@ def cache_dir(*parts: str, create: bool = True) -> Path:
 # profiles and chapter parameters
 # ----------------------------------------------------------------------------------------
 def resolve_profile(profile: str | None = None) -> str:
-    """``profile``, else ``$FBSEM_PROFILE``, else ``"cpu"``; checked against :data:`PROFILES`."""
-    p = profile or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
-    if p not in PROFILES:
-        raise ValueError(f"unknown profile {p!r}; choose one of {', '.join(PROFILES)}")
-    return p
+    """``profile``, else ``$FBSEM_PROFILE``, else ``"cpu"``: one of :data:`PROFILES`, or the
+    path of one's own experiment file (a ``.yaml`` / ``.yml`` copy of a shipped profile),
+    returned absolute so that the chapters, which run in ``book/``, find it."""
+    p = str(profile or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE)
+    if p in PROFILES:
+        return p
+    if Path(p).suffix.lower() in (".yaml", ".yml"):
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise ValueError(f"profile file {p!r} does not exist (a profile is {', '.join(PROFILES)} or the path "
+                             "of an experiment YAML, e.g. a copy of data/smoke.yaml)")
+        return str(path.resolve())
+    raise ValueError(f"unknown profile {p!r}; choose one of {', '.join(PROFILES)} or give the path of an "
+                     "experiment YAML (a copy of data/<profile>.yaml)")
+
+
+def base_profile(profile: str) -> str:
+    """The shipped profile whose chapter defaults (sizes, seeds, which samples) apply to
+    ``profile``: itself for a shipped one; for one's own experiment file, the shipped profile
+    named by its ``data.name`` (a copy of ``data/smoke.yaml`` keeps ``name: smoke``), else
+    ``"cpu"``."""
+    if profile in PROFILES:
+        return profile
+    from fbsemlib.config import load_experiment
+
+    name = (load_experiment(resolve_profile(profile)).get("data") or {}).get("name")
+    return name if name in PROFILES else DEFAULT_PROFILE
 
 
 def _per_profile(value: Any) -> bool:
@@ -114,12 +137,16 @@ def _per_profile(value: Any) -> bool:
 
 class BookParams(dict):
     """The resolved parameters of a chapter: a dict with attribute access. ``sources[name]``
-    says where each value came from (``"profile"`` or ``"override"``)."""
+    says where each value came from (``"profile"`` or ``"override"``). ``profile_overrides``
+    are the dotted ``section.field`` overrides of the profile in force
+    (:mod:`fbsembook.overrides`): shown in the table, not items of the dict."""
 
-    def __init__(self, values: Mapping, profile: str, sources: Mapping[str, str]):
+    def __init__(self, values: Mapping, profile: str, sources: Mapping[str, str],
+                 profile_overrides: Mapping[str, Any] | None = None):
         super().__init__(values)
         self.profile = profile
         self.sources = dict(sources)
+        self.profile_overrides = dict(profile_overrides or {})
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -128,9 +155,13 @@ class BookParams(dict):
             raise AttributeError(name) from None
 
     def _rows(self) -> list[tuple[str, str, str]]:
-        rows = [("profile", repr(self.profile), _PROFILE_HELP.get(self.profile, ""))]
+        base = self.profile if self.profile in PROFILES else base_profile(self.profile)
+        help_ = _PROFILE_HELP.get(self.profile) or f"your experiment file (chapter defaults of {base})"
+        rows = [("profile", repr(self.profile), help_)]
         for k, v in self.items():
-            rows.append((k, repr(v), "override" if self.sources.get(k) == "override" else f"{self.profile} default"))
+            rows.append((k, repr(v), "override" if self.sources.get(k) == "override" else f"{base} default"))
+        for k, v in self.profile_overrides.items():
+            rows.append((k, repr(v), "override (of the profile)"))
         return rows
 
     def __repr__(self) -> str:
@@ -163,7 +194,10 @@ def profile_params(
     by papermill's injected cell or edited by hand) wins over the profile's value. Every
     name of ``defaults`` must exist in ``overrides`` (declare it ``= None`` in the
     ``parameters`` cell), so that papermill and ``fbsem book run -p`` know it."""
+    from fbsembook.overrides import active_overrides
+
     profile = resolve_profile(profile)
+    base = base_profile(profile)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, d in defaults.items():
@@ -176,16 +210,16 @@ def profile_params(
             values[name], sources[name] = o, "override"
             continue
         if _per_profile(d):
-            if profile in d:
-                v = d[profile]
+            if base in d:
+                v = d[base]
             elif "default" in d:
                 v = d["default"]
             else:
-                raise KeyError(f"parameter {name!r} has no value for profile {profile!r} (nor a 'default')")
+                raise KeyError(f"parameter {name!r} has no value for profile {base!r} (nor a 'default')")
         else:
             v = d
         values[name], sources[name] = v, "profile"
-    return BookParams(values, profile, sources)
+    return BookParams(values, profile, sources, active_overrides())
 
 
 def pick_device(device: str | None = None) -> str:
