@@ -70,8 +70,15 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 def _add_reconstruct(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
-    p.add_argument("--sinogram", required=True, help="HDF5 / .npy / .pt file with the sinogram (and factors)")
-    p.add_argument("--out", default=None, help="output .npy file (default: <sinogram>_fbsem.npy next to the input)")
+    p.add_argument("--sinogram", required=True,
+                   help="HDF5 / .pt file with the sinogram and its factors (or .npy / .nii / .nii.gz: the sinogram only)")
+    p.add_argument("--out", default=None,
+                   help="output image: X.npy and X.nii.gz (NIfTI with the grid's affine) are both written "
+                        "(default: <sinogram>_fbsem next to the input)")
+    p.add_argument("--mr", default=None, help="NIfTI MR image on the model's grid (instead of 'mr' in the sinogram file)")
+    p.add_argument("--mu-map", default=None,
+                   help="NIfTI attenuation map on the model's grid: exp(-A mu) multiplies the multiplicative factors")
+    p.add_argument("--mu-unit", choices=["per_mm", "per_cm"], default="per_mm", help="unit of the --mu-map values")
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--unit-factors", action="store_true",

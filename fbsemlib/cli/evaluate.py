@@ -23,7 +23,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    out = reconstruct_file(args.model, args.sinogram, args.out, args.device, overwrite=args.overwrite,
-                           unit_factors=args.unit_factors)
-    print(f"wrote {out}")
+    npy, nii = reconstruct_file(args.model, args.sinogram, args.out, args.device, overwrite=args.overwrite,
+                                unit_factors=args.unit_factors, mr_path=args.mr, mu_map_path=args.mu_map,
+                                mu_unit=args.mu_unit)
+    print(f"wrote {npy} and {nii}")
     return 0

@@ -32,7 +32,7 @@ from fbsemlib.physics.forward_model import PETForwardModel
 from fbsemlib.recon.algorithms import map_em, osem, postfilter
 from fbsemlib.recon.priors import BowsherPrior, QuadraticPrior
 
-__all__ = ["BaselineConfig", "METHODS", "reconstruct", "sweep", "best_settings", "SweepResult"]
+__all__ = ["BaselineConfig", "METHODS", "reconstruct", "reconstruct_measured", "sweep", "best_settings", "SweepResult"]
 
 METHODS = ("osem", "osem_postfilter", "mapem_quadratic", "mapem_bowsher")
 
@@ -77,12 +77,25 @@ def reconstruct(
 ) -> torch.Tensor:
     """Reconstruct a batch (:class:`~fbsemlib.data.batch.PETBatch` or a collated dataset
     batch, ``(B, 1, ...)``) with one baseline; returns ``(B, 1, Z, Y, X)``."""
+    b = PETBatch.from_mapping(batch)
+    return reconstruct_measured(method, strength, projector, b.y, b.multiplicative, b.additive, b.mr,
+                                num_iterations, num_subsets, bowsher_neighbours)
+
+
+def reconstruct_measured(method: str, strength: float | None, projector, y: torch.Tensor,
+                         multiplicative: torch.Tensor | None, additive: torch.Tensor | None, mr: torch.Tensor | None,
+                         num_iterations: int, num_subsets: int, bowsher_neighbours: int = 4) -> torch.Tensor:
+    """:func:`reconstruct` of measured data given as tensors (``(B, 1, ...)``; ``mr`` is
+    needed by ``mapem_bowsher`` only; ``None`` factors are 1 and 0), e.g. a user's
+    (:func:`fbsemlib.evaluation.user_data.load_user_data`)."""
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r}; choose from {METHODS}")
+    if method == "mapem_bowsher" and mr is None:
+        raise ValueError("mapem_bowsher needs an MR image")
     dev = projector.device
-    b = PETBatch.from_mapping(batch)
-    model = PETForwardModel(projector, b.multiplicative.to(dev), b.additive.to(dev))
-    y = b.y.to(dev)
+    model = PETForwardModel(projector, None if multiplicative is None else multiplicative.to(dev),
+                            None if additive is None else additive.to(dev))
+    y = y.to(dev)
     if method == "osem":
         return osem(model, y, num_iterations, num_subsets)
     if method == "osem_postfilter":
@@ -91,7 +104,7 @@ def reconstruct(
     if method == "mapem_quadratic":
         prior = QuadraticPrior()
     else:
-        prior = BowsherPrior(b.mr.to(dev), num_neighbours=bowsher_neighbours)
+        prior = BowsherPrior(mr.to(dev), num_neighbours=bowsher_neighbours)
     beta = float(strength) * beta_scale(model, y, num_subsets)
     return map_em(model, y, prior, beta, num_iterations, num_subsets)
 
