@@ -58,6 +58,7 @@ __all__ = [
     "is_complete_subject_file",
     "is_dataset_manifest",
     "DATASET_FILES",
+    "RUN_LOG",
     "manifest_files",
     "write_manifest",
 ]
@@ -67,7 +68,10 @@ class DatasetError(UserError, ValueError):
 
 
 #: what a dataset folder may hold (the output-folder rule, :func:`fbsemlib.outputs.check_output_folder`)
-DATASET_FILES = (MANIFEST, MANIFEST + ".part", "subject-*.h5", "subject-*.h5.part", "recipe.json")
+DATASET_FILES = (MANIFEST, MANIFEST + ".part", "subject-*.h5", "subject-*.h5.part", "recipe.json", "simulation.json")
+#: how a dataset was made (time, resumed subjects, when): kept apart from the manifest and
+#: the subject files, whose bytes depend only on the recipe and the library version
+RUN_LOG = "simulation.json"
 
 
 def is_dataset_manifest(folder: Path) -> bool:
@@ -173,7 +177,23 @@ class DatasetInfo:
                                 psf_fwhm_mm=self.psf_fwhm_mm, **kwargs)
 
     def summary(self) -> dict:
-        return dict(self.manifest.get("summary", {}))
+        """The manifest's summary, with the run log's time and resumed subjects when present."""
+        out = dict(self.manifest.get("summary", {}))
+        try:
+            log = json.loads((self.path / RUN_LOG).read_text())
+            out.update({k: log[k] for k in ("seconds", "resumed_subjects") if k in log})
+        except (OSError, ValueError, TypeError):
+            pass
+        return out
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 (hex) of the dataset's content: its recipe hash and the SHA-256 of every
+        subject file, in order. Two folders with the same content hash hold byte-identical
+        data (no time stamp is stored in them)."""
+        files = self.manifest.get("files", {})
+        doc = [self.manifest.get("recipe_hash"), [[k, files[k]["sha256"]] for k in sorted(files)]]
+        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
 
 
 def _read_manifest(path: Path) -> dict:
@@ -413,7 +433,7 @@ def write_subject(path: Path, subject: dict, attrs: dict, *, compression: str, n
         N = subject["images"]["activity"].shape[0]
         S = subject["samples"]["y"].shape[0]
         f.attrs.update(subject=int(subject["subject"]), split=subject["split"],
-                       subject_seed=int(subject["phantom_seed"]), num_images=N, num_samples=S, created=utc_now())
+                       subject_seed=int(subject["phantom_seed"]), num_images=N, num_samples=S)
 
         def put(group, name, arr):
             arr = np.ascontiguousarray(arr)

@@ -22,7 +22,7 @@ from fbsemlib.data.schema import FORMAT_NAME, FORMAT_VERSION, SPLITS
 from fbsemlib.physics.geometry import SCANNER_PRESETS, ImageGrid, SinogramGeometry, sinogram_preset
 from fbsemlib.provenance import is_int, is_number
 
-__all__ = ["DataConfig", "load_data_config", "recipe_hash", "COMPRESSION"]
+__all__ = ["DataConfig", "load_data_config", "recipe_hash", "COMPRESSION", "BACKGROUNDS"]
 
 #: the HDF5 compressions a recipe may ask for
 COMPRESSION = ("gzip", "lzf", "none")
@@ -34,6 +34,9 @@ def _finite_number(v) -> bool:
 
 
 #: a recipe's ``name``: a folder name under the data root, never a path
+#: what the reconstruction is told of attenuation and background (see DataConfig)
+BACKGROUNDS = ("exact", "estimated")
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 @dataclass
@@ -66,6 +69,17 @@ class DataConfig:
         scatter_fraction: ``S / (T + S)``; randoms_fraction: ``R / (T + S + R)``.
         scatter_fwhm_mm, scatter_fwhm_deg: smoothness of the scatter sinogram.
         crystal_efficiency_spread: sigma of the log-normal crystal efficiencies (0: all 1).
+    What the reconstruction is told (no inverse crime)
+        simulation_oversampling: the phantom is drawn and projected on a grid this many
+            times finer in-plane (same field of view); the reconstruction grid sees its
+            block averages. 1 simulates on the reconstruction grid with its own projector
+            (an inverse crime; the smoke profile's choice, for speed).
+        background: ``exact`` tells the reconstruction the true attenuation and expected
+            scatter + randoms; ``estimated`` tells it what a reconstruction could estimate:
+            attenuation from the reconstruction-grid mu-map, scatter simulated from the
+            reconstruction-grid images and scaled to the true scatter total (a perfect
+            tail fit), randoms from their variance-reduced (flat, efficiency-weighted)
+            estimate.
     Unrolled schedule
         num_iterations x num_subsets = num_modules (K). Give any two (or just
         ``num_subsets`` with one of the others); ``num_modules`` must be a multiple of
@@ -102,6 +116,8 @@ class DataConfig:
     scatter_fwhm_mm: float = 80.0
     scatter_fwhm_deg: float = 30.0
     crystal_efficiency_spread: float = 0.1
+    simulation_oversampling: int = 1
+    background: str = "exact"
     # unrolled schedule
     num_iterations: int | None = None
     num_subsets: int = 6
@@ -214,6 +230,11 @@ class DataConfig:
         if not is_int(self.seed) or self.seed < 0:
             raise err(f"seed must be a non-negative integer, got {self.seed!r}")
         self._check_limits()
+        if not is_int(self.simulation_oversampling) or not 1 <= self.simulation_oversampling <= 4:
+            raise err(f"simulation_oversampling must be an integer in 1..4, got {self.simulation_oversampling!r}")
+        self.simulation_oversampling = int(self.simulation_oversampling)
+        if self.background not in BACKGROUNDS:
+            raise err(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.compression not in COMPRESSION:
             raise err(f"compression must be one of {COMPRESSION}, got {self.compression!r}")
         # -- geometry consistency (cheap: no projector is built)
@@ -288,6 +309,15 @@ class DataConfig:
 
     def grid(self) -> ImageGrid:
         return ImageGrid(tuple(self.image_shape), tuple(self.voxel_size_mm))
+
+    def simulation_grid(self) -> ImageGrid:
+        """The grid the phantom is drawn and projected on: :meth:`grid` refined in-plane by
+        ``simulation_oversampling`` (same centre and field of view; each reconstruction
+        voxel is a block of ``f x f`` of its voxels)."""
+        f = self.simulation_oversampling
+        z, y, x = self.image_shape
+        dz, dy, dx = self.voxel_size_mm
+        return ImageGrid((z, y * f, x * f), (dz, dy / f, dx / f))
 
     def phantom_config(self) -> PhantomConfig:
         return from_dict(PhantomConfig, self.phantom, "data.phantom")

@@ -85,6 +85,7 @@ from fbsemlib.data.format import (
     is_dataset_manifest,
     library_versions,
     manifest_files,
+    RUN_LOG,
     subject_attrs,
     utc_now,
     validate_dataset,
@@ -94,7 +95,8 @@ from fbsemlib.data.format import (
 from fbsemlib.data.phantoms import make_subject
 from fbsemlib.data.recipe import DataConfig, recipe_hash
 from fbsemlib.data.schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, SUBJECT_FILE
-from fbsemlib.outputs import LOCK_NAME, FolderLock, check_output_folder
+from fbsemlib.outputs import LOCK_NAME, FolderLock, atomic_write_json, check_output_folder
+from fbsemlib.data.resolution import block_labels, block_mask, block_mean
 from fbsemlib.physics.cache import shared_projector
 from fbsemlib.physics.forward_model import PETForwardModel, attenuation_factors, normalisation_factors
 from fbsemlib.physics.psf import FWHM_TO_SIGMA, gaussian_filter
@@ -165,6 +167,11 @@ class SimulationContext:
         # the process-wide projector: its system matrices (and its subsets') are built once
         self.projector = shared_projector(self.geometry, self.grid, device=self.device, backend="torch",
                                           psf_fwhm_mm=cfg.psf_fwhm_mm)
+        # the phantom's grid and projector (the same as the reconstruction's without oversampling)
+        self.oversampling = cfg.simulation_oversampling
+        self.simulation_grid = cfg.simulation_grid()
+        self.simulation_projector = self.projector if self.oversampling == 1 else shared_projector(
+            self.geometry, self.simulation_grid, device=self.device, backend="torch", psf_fwhm_mm=cfg.psf_fwhm_mm)
         sc = self.geometry.scanner
         rng = np.random.default_rng(_ss(cfg, 0))
         z = rng.standard_normal((sc.num_rings, sc.num_crystals_per_ring))
@@ -220,17 +227,19 @@ def _phantom_images(ctx: SimulationContext, subject: int) -> dict:
     keys = ("activity", "mu_map", "mr", "brain_mask", "lesion_mask_pet", "lesion_mask_mr")
     out = {k: [] for k in keys}
     out.update(slice_index=[], rotation_deg=[], lesion_info=[], phantom_params=[])
+    fine = {"activity": [], "mu_map": []}  # on the simulation grid
     for j, h in enumerate(heights):
         pcfg = ctx.phantom_config if h is None else dataclasses.replace(ctx.phantom_config, slice_z_mm=float(h))
-        ph = make_subject(ctx.grid, pseed, pcfg)
+        ph = make_subject(ctx.simulation_grid, pseed, pcfg)
         base = dict(
             activity=ph.activity.cpu().numpy().astype(np.float32),
             mu_map=ph.mu_map.cpu().numpy().astype(np.float32),
             mr=ph.mr.cpu().numpy().astype(np.float32),
             brain_mask=ph.brain_mask.cpu().numpy().astype(np.uint8),
-            lesion_mask_pet=_lesion_labels(ph.lesion_masks_pet.cpu().numpy(), ctx.grid.shape),
-            lesion_mask_mr=_lesion_labels(ph.lesion_masks_mr.cpu().numpy(), ctx.grid.shape),
+            lesion_mask_pet=_lesion_labels(ph.lesion_masks_pet.cpu().numpy(), ctx.simulation_grid.shape),
+            lesion_mask_mr=_lesion_labels(ph.lesion_masks_mr.cpu().numpy(), ctx.simulation_grid.shape),
         )
+        f = ctx.oversampling
         for r in range(Rn):
             ang = float(angles[j, r])
             for k in keys:
@@ -238,6 +247,11 @@ def _phantom_images(ctx: SimulationContext, subject: int) -> dict:
                 v = _rotate(base[k], ang, order)
                 if order == 1:
                     v = np.clip(v, 0, None).astype(np.float32)
+                    if k in ("activity", "mu_map"):  # what the data are simulated from
+                        fine[k].append(v)
+                    v = block_mean(v, f)
+                else:
+                    v = block_labels(v, f) if k.startswith("lesion") else block_mask(v, f)
                 out[k].append(v)
             out["slice_index"].append(j)
             out["rotation_deg"].append(ang)
@@ -256,6 +270,7 @@ def _phantom_images(ctx: SimulationContext, subject: int) -> dict:
             out["phantom_params"].append({k: v for k, v in ph.params.items() if k not in ("config", "grid")})
     for k in keys:
         out[k] = np.stack(out[k])
+    out["fine"] = {k: np.stack(v) for k, v in fine.items()}
     out["phantom_seed"] = pseed
     out["counts"] = np.exp(rng.uniform(np.log(cfg.counts_range[0]), np.log(cfg.counts_range[1]), size=len(out["activity"])))
     return out
@@ -270,27 +285,45 @@ def simulate_subject(ctx: SimulationContext, subject: int, split: str) -> dict:
     ph = _phantom_images(ctx, subject)
     N = ph["activity"].shape[0]
     x = torch.from_numpy(ph["activity"]).to(dev)
-    mu = torch.from_numpy(ph["mu_map"]).to(dev)
     n = ctx.normalisation
     with torch.no_grad():
-        a = attenuation_factors(P, mu)  # (N, P, V, R)
-        ax = (P(x) * a).double()  # attenuated trues, unit acquisition scale
+        # the truth: the phantom on the simulation grid, projected with its own projector
+        Pf = ctx.simulation_projector
+        x_f = torch.from_numpy(ph["fine"]["activity"]).to(dev)
+        a_true = attenuation_factors(Pf, torch.from_numpy(ph["fine"]["mu_map"]).to(dev))  # (N, P, V, R)
+        ax = (Pf(x_f) * a_true).double()  # attenuated trues, unit acquisition scale
         trues_unit = ax * n.double()
         T = trues_unit.sum(dim=(-3, -2, -1))
         sf, rf = cfg.scatter_fraction, cfg.randoms_fraction
         S = T * (sf / (1 - sf))
         R = (T + S) * (rf / (1 - rf))
-        scat = gaussian_filter(ax, ctx.scatter_sigma_bins).clamp_min(0) * n.double()
-        scat_sum = scat.sum(dim=(-3, -2, -1)).clamp_min(1e-300)
         n_sum = n.double().sum()
         counts = torch.as_tensor(ph["counts"], dtype=torch.float64, device=dev)
         scale = counts / (T + S + R)
         view = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
-        additive64 = view(scale * S / scat_sum) * scat + view(scale * R / n_sum) * n.double()
+
+        def background(attenuated_trues):  # scatter (scaled to the total S) + flat randoms
+            scat = gaussian_filter(attenuated_trues, ctx.scatter_sigma_bins).clamp_min(0) * n.double()
+            scat_sum = scat.sum(dim=(-3, -2, -1)).clamp_min(1e-300)
+            return view(scale * S / scat_sum) * scat + view(scale * R / n_sum) * n.double()
+
+        true_additive64 = background(ax)
+        ybar64 = view(scale) * n.double() * ax + true_additive64  # expected data
+        ybar = ybar64.float()
+        # what the reconstruction is told (DataConfig.background)
+        if cfg.background == "exact" and ctx.oversampling == 1:
+            a, additive64 = a_true, true_additive64
+        elif cfg.background == "exact":
+            a = attenuation_factors(P, torch.from_numpy(ph["mu_map"]).to(dev))
+            additive64 = true_additive64
+        else:
+            a = attenuation_factors(P, torch.from_numpy(ph["mu_map"]).to(dev))
+            additive64 = background((P(x) * a).double())
         mult = (view(scale) * (n.double() * a.double())).float()
         additive = additive64.float()
         model = PETForwardModel(P, mult, additive)
-        ybar = model.expected(x)  # float32: exactly what the network's model computes
+        if ctx.oversampling == 1 and cfg.background == "exact":
+            ybar = model.expected(x)  # float32: exactly what the network's model computes
         # noise realisations
         R_ = cfg.noise_realisations[split]
         ys, img_idx, real, seeds = [], [], [], []
@@ -310,7 +343,10 @@ def simulate_subject(ctx: SimulationContext, subject: int, split: str) -> dict:
         # high-count reference
         hc = torch.as_tensor(cfg.high_count, dtype=torch.float64, device=dev) / counts
         hc_model = PETForwardModel(P, (view(hc) * mult.double()).float(), (view(hc) * additive64).float())
-        ybar_hc = hc_model.expected(x).double()
+        if ctx.oversampling == 1 and cfg.background == "exact":
+            ybar_hc = hc_model.expected(x).double()
+        else:  # the same scan, high_count / counts times longer
+            ybar_hc = view(hc) * ybar64
         y_hc = []
         for i in range(N):
             g = torch.Generator(device=dev).manual_seed(_int_seed(_ss(cfg, 2, subject, 3, i)))
@@ -453,7 +489,7 @@ def _simulate_into(tmp: Path, cfg: DataConfig, h: str, device, progress: bool, s
     lib = library_versions()
     elapsed = time.perf_counter() - t0
     manifest = dict(
-        format=FORMAT_NAME, format_version=FORMAT_VERSION, fbsemlib_version=lib["fbsemlib"], created=utc_now(),
+        format=FORMAT_NAME, format_version=FORMAT_VERSION, fbsemlib_version=lib["fbsemlib"],
         recipe_hash=h, recipe=cfg.to_dict(), seed=cfg.seed,
         geometry=ctx.geometry.to_dict(), grid=ctx.grid.to_dict(), psf_fwhm_mm=cfg.psf_fwhm_mm,
         num_iterations=cfg.num_iterations, num_subsets=cfg.num_subsets, num_modules=cfg.K,
@@ -461,9 +497,11 @@ def _simulate_into(tmp: Path, cfg: DataConfig, h: str, device, progress: bool, s
         seeds={"master": cfg.seed, "scheme": "numpy SeedSequence(seed, spawn_key): (0,) efficiencies, "
                "(1,) split permutation, (2, subject, 0) phantom, (2, subject, 1) counts/rotations, "
                "(2, subject, 2, image, realisation) Poisson noise, (2, subject, 3, image) high-count noise"},
-        summary=dict(summary, seconds=round(elapsed, 2), resumed_subjects=resumed, reused=False),
+        summary=summary,
     )
     write_manifest(tmp, manifest)
+    # the run's log, apart from the content (the manifest and the files stay byte-identical)
+    atomic_write_json(tmp / RUN_LOG, dict(seconds=round(elapsed, 2), resumed_subjects=resumed, created=utc_now()))
     (tmp / "recipe.json").unlink(missing_ok=True)
     return manifest
 
