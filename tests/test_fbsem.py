@@ -170,3 +170,42 @@ def test_cuda_round_trip_moves_the_projector():
     assert net.projector.device.type == "cpu"
     with torch.no_grad():
         assert torch.allclose(net(y, mult, add, mr), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_norm_recalibration_matches_eval_mode_inputs():
+    """After recalibration, module k's first BatchNorm holds the mean / variance of its
+    inputs over the training batches, computed with modules 0..k-1 in eval mode; a shared
+    network is left alone."""
+    from types import SimpleNamespace
+
+    from fbsemlib.training.batchnorm import batch_norm_layers, recalibrate_batch_norm
+
+    P, fm, x, mr, mult, add, ybar, y = _problem(B=2)
+    net = FBSEMNet(P, 1, 3, ModelConfig(width=4, depth=3, gamma_init=1.0))
+    for m in batch_norm_layers(net):  # statistics that have nothing to do with the data
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(9.0)
+    batches = [SimpleNamespace(y=y[i:i + 1], multiplicative=mult[i:i + 1], additive=add[i:i + 1], mr=mr[i:i + 1])
+               for i in range(2)]
+    assert recalibrate_batch_norm(net, batches) == 3
+    assert not net.training
+    seen = {}
+    hooks = [batch_norm_layers(net.regularisers[k])[0].register_forward_hook(
+        lambda mod, inp, out, k=k: seen.setdefault(k, []).append(inp[0].detach())) for k in range(3)]
+    with torch.no_grad():
+        for b in batches:
+            net(b.y, b.multiplicative, b.additive, b.mr)
+    for h in hooks:
+        h.remove()
+    for k in range(3):
+        bn = batch_norm_layers(net.regularisers[k])[0]
+        means = torch.stack([t.mean(dim=(0, 2, 3)) for t in seen[k]]).mean(0)  # cumulative average of batch means
+        torch.testing.assert_close(bn.running_mean, means, rtol=1e-4, atol=1e-5)
+        assert bn.momentum == 0.1  # restored
+    # a second recalibration changes nothing; a shared network is not touched
+    before = [m.running_mean.clone() for m in batch_norm_layers(net)]
+    recalibrate_batch_norm(net, batches)
+    for b, m in zip(before, batch_norm_layers(net)):
+        torch.testing.assert_close(m.running_mean, b)
+    shared = FBSEMNet(P, 1, 3, ModelConfig(width=4, depth=3, shared=True))
+    assert recalibrate_batch_norm(shared, batches) == 0

@@ -348,9 +348,25 @@ def test_end_to_end_equals_sequential_for_one_module(tmp_path):
     states = []
     for Trainer in (EndToEndTrainer, SequentialTrainer):
         net = make_net(1, 1, seed=3)
-        Trainer(net, ds, val, cfg(epochs=3, epochs_per_module=3), tmp_path / Trainer.mode, progress=False).fit()
+        # the same updates (BatchNorm statistics included: end-to-end's recalibration off)
+        Trainer(net, ds, val, cfg(epochs=3, epochs_per_module=3, bn_recalibration=False), tmp_path / Trainer.mode,
+                progress=False).fit()
         states.append(net.state_dict())
     assert states_equal(*states)
+
+
+def test_end_to_end_recalibrates_batch_norm(tmp_path):
+    ds, val = data(2, 1)
+    runs = {}
+    for recal in (False, True):
+        net = make_net(2, 1, seed=3)
+        m = EndToEndTrainer(net, ds, val, cfg(epochs=1, bn_recalibration=recal), tmp_path / str(recal),
+                            progress=False).fit()
+        runs[recal] = (net.state_dict(), m)
+    (s0, m0), (s1, m1) = runs[False], runs[True]
+    bn = [k for k in s0 if k.endswith("running_mean")]
+    assert bn and any(not torch.equal(s0[k], s1[k]) for k in bn)  # the statistics changed ...
+    assert all(torch.equal(s0[k], s1[k]) for k in s0 if k.endswith("weight"))  # ... the weights did not
 
 
 # ----------------------------------------------------------------------------------------

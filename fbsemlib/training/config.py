@@ -78,6 +78,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm
     seed: int = 0
     grad_checkpointing: bool = False  # end-to-end only: recompute each module in the backward pass
+    bn_recalibration: bool = True  # end-to-end only: re-estimate BatchNorm statistics module by module after training
     validation_every: int = 1  # epochs
     early_stopping_patience: int | None = None  # validations without improvement (per stage); None = off
     cache: str = "auto"  # sequential inputs: "auto" | "memory" | "disk"
@@ -136,7 +137,7 @@ class TrainConfig:
         if not is_number(self.cache_memory_mb) or self.cache_memory_mb < 0:
             raise _err("cache_memory_mb", f"must be a non-negative number, got {self.cache_memory_mb!r}")
         self._check_choice("stage_init", choices["stage_init"])
-        for name in ("grad_checkpointing", "amp", "tensorboard"):
+        for name in ("grad_checkpointing", "bn_recalibration", "amp", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be true or false, got {getattr(self, name)!r}")
 

@@ -7,7 +7,9 @@ independently. ``grad_checkpointing: true`` (a choice; the paper did not use it)
 recomputes each module in the backward pass: memory of about one module's activations
 plus the ``K`` module inputs, the middle ground between end-to-end and sequential
 training. The gradients are the same; with BatchNorm the recomputation updates the
-running statistics a second time.
+running statistics a second time. After training, the BatchNorm statistics are
+recalibrated module by module on the training set (``bn_recalibration``, a choice;
+:mod:`fbsemlib.training.batchnorm` says why).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from fbsemlib.training import distributed as _dist
 from fbsemlib.training.base import Trainer
+from fbsemlib.training.batchnorm import recalibrate_batch_norm
 from fbsemlib.training.loading import epoch_permutation
 from fbsemlib.training.optim import EarlyStop, clone_state
 
@@ -95,3 +98,10 @@ class EndToEndTrainer(Trainer):
                 self._save_checkpoint(self._checkpoint_payload({"stage": 0, "epoch": epoch + 1}, opt, sched, st))
         if c.early_stopping_patience is not None and st["best_state"] is not None:
             net.load_state_dict(st["best_state"])
+        if c.bn_recalibration and not st.get("recalibrated"):
+            order = list(range(N))
+            n_mod = recalibrate_batch_norm(net, [b for _, b in self._device_batches(self.train_dataset, order,
+                                                                                    targets=None)])
+            st["recalibrated"] = True
+            self.history.append({"kind": "batch_norm_recalibration", "modules": n_mod})
+            self._save_checkpoint(self._checkpoint_payload({"stage": 0, "epoch": c.epochs}, opt, sched, st))
