@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from fbsemlib.errors import UserError
 from fbsembook.chapters import BOOK_DIR, EXECUTED_DIR, Chapter, chapters, convert, notebook_parameters, source_sha256
+from fbsembook.figures import apply_alt_text
 from fbsembook.overrides import OVERRIDES_ENV, active_overrides, split_overrides, validate_overrides
 from fbsembook.presentation import present
 from fbsembook.profiles import PROFILE_ENV, book_root, resolve_profile
@@ -99,7 +100,9 @@ def _write_kernel_spec(spec_dir: Path) -> None:
     kdir = spec_dir / "kernels" / KERNEL_NAME
     kdir.mkdir(parents=True, exist_ok=True)
     spec = {
-        "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                 # the book's figure style and alt text on every figure (fbsembook.figures)
+                 "--IPKernelApp.exec_lines=__import__('fbsembook.figures').figures.install()"],
         "display_name": "Python 3 (fbsemlib)",
         "language": "python",
         "metadata": {"debugger": True, "supported_encryption": ["curve"]},
@@ -154,6 +157,7 @@ def _execute_one(job: dict) -> dict:
         )
         seconds = time.perf_counter() - t0
         nbx = nbformat.read(tmp, as_version=4)
+        apply_alt_text(nbx, f"chapter {job['name']}")
         nbx.metadata["fbsem"] = {
             "profile": job["profile"],
             "parameters": {**{k: v for k, v in job["parameters"].items() if k != "profile"}, **job["overrides"]},

@@ -5,7 +5,8 @@ Everything takes torch tensors or numpy arrays; images may carry any leading dim
 (:func:`as_slice`).
 
 * :func:`as_slice`        -- a 2D numpy slice of an image;
-* :func:`show_images`     -- a grid of images with a shared or per-panel colour scale;
+* :func:`show_images`     -- a grid of images with a shared or per-panel colour scale
+  (:func:`fbsembook.figures.show_images`: colour bars with units);
 * :func:`lesion_row`      -- the image row that crosses the most lesion voxels (for line profiles);
 * :func:`plot_profiles`   -- line profiles of several images along one row;
 * :func:`batch_mean`      -- the mean over a batch of a per-sample metric (e.g.
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from fbsembook.figures import show_images
 
 __all__ = [
     "as_slice",
@@ -55,57 +58,6 @@ def as_slice(img: Any, z: int | None = None) -> np.ndarray:
         return a
     a = a.reshape((-1,) + a.shape[-3:])[0]  # first item, (Z, Y, X)
     return a[a.shape[0] // 2 if z is None else z]
-
-
-def show_images(
-    images: Sequence[Any],
-    titles: Sequence[str] | None = None,
-    *,
-    ncols: int | None = None,
-    cmap: str | Sequence[str] = "magma",
-    vmin: float | None = 0.0,
-    vmax: float | str | None = "shared",
-    colorbar: bool = True,
-    size: float = 2.6,
-    suptitle: str | None = None,
-):
-    """Show images in a grid; returns ``(fig, axes)`` (axes flattened, unused ones hidden).
-
-    ``vmax="shared"``: one colour scale for all panels (the largest value); ``None``: each
-    panel its own; a number: that value. ``vmin`` likewise a number or ``None``. ``cmap``
-    is one colour map or one per image."""
-    import matplotlib.pyplot as plt
-
-    slices = [as_slice(im) for im in images]
-    n = len(slices)
-    if n == 0:
-        raise ValueError("no images to show")
-    if titles is not None and len(titles) != n:
-        raise ValueError(f"{len(titles)} titles for {n} images")
-    cmaps = [cmap] * n if isinstance(cmap, str) else list(cmap)
-    if len(cmaps) != n:
-        raise ValueError(f"{len(cmaps)} colour maps for {n} images")
-    ncols = min(n, ncols or n)
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + (0.4 * ncols if colorbar else 0), size * nrows),
-                             squeeze=False)
-    axes = axes.ravel()
-    top = max(float(np.nanmax(s)) for s in slices) if vmax == "shared" else vmax
-    for i, ax in enumerate(axes):
-        if i >= n:
-            ax.axis("off")
-            continue
-        im = ax.imshow(slices[i], cmap=cmaps[i], vmin=vmin, vmax=top, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if titles is not None:
-            ax.set_title(titles[i], fontsize=9)
-        if colorbar:
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout()
-    return fig, axes
 
 
 def lesion_row(labels: Any) -> int:
