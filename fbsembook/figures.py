@@ -152,7 +152,7 @@ def describe(fig) -> str:
         parts.append(count + " | ".join(dict.fromkeys(panels)))
     if bars:
         parts.append("colour scale: " + ", ".join(dict.fromkeys(bars)))
-    return ". ".join(parts) if parts else "figure"
+    return " ".join(". ".join(parts).split()) if parts else "figure"  # one line: titles may hold line breaks
 
 
 def _wrap(formatter_fn):
