@@ -1,9 +1,9 @@
 """The book machinery (fbsembook.profiles, chapters, execute, publish and build: `fbsem book ...`;
 _config.yml / _toc.yml).
 
-The slow tests share one smoke-profile build of a copy of the working tree (what a clean
-clone plus the current edits would hold), so they never touch book/_build or book/_executed
-of the checkout itself.
+The slow tests share one smoke-profile build of a copy of the working tree (the
+``smoke_book`` fixture of conftest.py), so they never touch book/_build or book/_executed of
+the checkout itself.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -27,7 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 # `fbsem ...` with this interpreter (`python -m fbsemlib.cli` would load cli.py twice, as
 # __main__ and as fbsemlib.cli, and miss the UserError -> exit 2 mapping)
 FBSEM = [sys.executable, "-c", "import sys; from fbsemlib.cli import main; sys.exit(main())"]
-SKIP_COPY = (".git/", ".venv/", "book/_build/", "book/_executed/", ".cache/")
 
 
 # ----------------------------------------------------------------------------------------
@@ -44,24 +42,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def _fbsem(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*FBSEM, *args], cwd=root, env=_clean_env(), text=True, timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _repo_files() -> list[str]:
-    """Tracked and untracked-but-not-ignored files of the checkout (a clean clone + edits)."""
-    try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                             check=True, capture_output=True).stdout.decode()
-        files = [f for f in out.split("\0") if f]
-    except (OSError, subprocess.CalledProcessError):
-        files = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file()]
-    return [f for f in files if not f.startswith(SKIP_COPY) and "__pycache__" not in f and (REPO / f).is_file()]
-
-
-def _copy_tree(dst: Path) -> Path:
-    for f in _repo_files():
-        (dst / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dst / f)
-    return dst
 
 
 def _code_cells(nb) -> list:
@@ -163,14 +143,9 @@ def test_chapter_follows_the_conventions(chapter):
 # the shared smoke build
 # ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = _copy_tree(tmp_path_factory.mktemp("book-build"))
-    t0 = time.perf_counter()
-    proc = _fbsem(root, "book", "build", "--profile", "smoke", "--jobs", "2")
-    seconds = time.perf_counter() - t0
-    print(proc.stdout[-3000:])
-    print(f"fbsem book build --profile smoke: {seconds:.1f} s")
-    return {"root": root, "proc": proc, "seconds": seconds}
+def built(smoke_book):
+    """The smoke build that the slow tests of tests/book share (conftest.py)."""
+    return smoke_book
 
 
 @pytest.mark.slow
@@ -415,3 +390,20 @@ def test_failures_are_reported(tmp_path):
     proc = _fbsem(root, "book", "html")
     assert proc.returncode != 0
     assert "missing_page" in proc.stdout
+
+
+@pytest.mark.slow
+def test_your_data_chapter_runs_in_the_smoke_build(built):
+    """Chapter 11 reconstructs its stand-in files (HDF5 + NIfTI) with the cached run and the
+    baselines; the command-line NIfTI output is the same image; the figure has alt text."""
+    root = built["root"]
+    assert built["proc"].returncode == 0
+    ch = chapters.find_chapter("your_data", root)
+    assert re.search(rf"^{ch.name}\s+smoke\s+ok\s+[\d.]+ s$", built["proc"].stdout, re.M)
+    nb = nbformat.read(ch.executed, as_version=4)
+    text = "".join(_stream_text(c) for c in _code_cells(nb))
+    assert "the same image as above: True" in text and "recon.nii.gz" in text
+    figs = [c for c in _code_cells(nb) if any("image/png" in o.get("data", {}) for o in c.outputs)]
+    assert figs and all(c.metadata["mystnb"]["image"]["alt"] for c in figs)
+    page = (root / "book" / "_build" / "html" / ch.html).read_text()
+    assert re.search(r'<img alt="your data: every reconstruction on one colour scale', page)
