@@ -39,14 +39,24 @@ def chapter_summary(source: Path) -> tuple[str, str]:
         raise ValueError(f"{source}: no '# title' line")
     start = next(i for i, line in enumerate(lines) if re.match(r"#\s+\S", line)) + 1
     para: list[str] = []
+    fence = None  # the opening of the code block / directive being skipped
     for line in lines[start:]:
         s = line.strip()
+        if fence is not None:
+            if re.fullmatch(re.escape(fence) + r"\s*", s):
+                fence = None
+            continue
         if not s:
             if para:
                 break
             continue
-        if not para and (s.startswith(_NOT_PROSE) or s.startswith("#")):
-            continue
+        if not para:
+            opening = re.match(r"(`{3,}|:{3,})", s)
+            if opening:
+                fence = opening.group(1)
+                continue
+            if s.startswith(_NOT_PROSE) or s.startswith("#"):
+                continue
         para.append(s)
     summary = " ".join(para)
     if not re.search(r"[.!?)]$", summary):  # the paragraph runs on into an equation or a list
