@@ -178,9 +178,9 @@ class Browser:
 
     def screenshot(self, session: str, clip: dict | None = None) -> bytes:
         """PNG of the viewport, or of ``clip`` (``x, y, width, height`` in page pixels)."""
-        params: dict[str, Any] = {"format": "png", "captureBeyondViewport": True}
+        params: dict[str, Any] = {"format": "png"}
         if clip:
-            params["clip"] = {**clip, "scale": 1}
+            params.update(clip={**clip, "scale": 1}, captureBeyondViewport=True)
         return base64.b64decode(self.send("Page.captureScreenshot", params, session)["data"])
 
     def close_page(self, report: PageReport) -> None:

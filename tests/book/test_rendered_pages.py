@@ -10,6 +10,7 @@ DevTools protocol (headless_browser.py), with the network switched off.
 
 from __future__ import annotations
 
+import html as html_lib
 import io
 import os
 import re
@@ -156,9 +157,9 @@ _EQUATION_JS = r"""(() => {
   const frac = document.querySelector('mjx-container[display="true"] mjx-mfrac');
   if (!frac) return null;
   const math = frac.closest('mjx-container').querySelector('mjx-math');
-  math.scrollIntoView({block: 'center'});
-  const r = math.getBoundingClientRect();
-  return {x: r.left + window.scrollX - 4, y: r.top + window.scrollY - 4, width: r.width + 8, height: r.height + 8};
+  math.scrollIntoView({block: 'center', behavior: 'instant'});  // the theme scrolls smoothly otherwise
+  const r = math.getBoundingClientRect();  // in the viewport
+  return {x: Math.floor(r.left) - 4, y: Math.floor(r.top) - 4, width: Math.ceil(r.width) + 8, height: Math.ceil(r.height) + 8};
 })()"""
 
 
@@ -239,13 +240,15 @@ def test_equations_show_in_screenshots(smoke_book, browser, tmp_path):
         report = browser.open(page.as_uri())
         clip = browser.evaluate(report["session"], _EQUATION_JS)
         assert clip, f"{name}: no displayed equation with a fraction typeset by MathJax"
-        png = browser.screenshot(report["session"], clip)
+        shot = Image.open(io.BytesIO(browser.screenshot(report["session"])))  # the viewport
         browser.close_page(report)
-        (tmp_path / f"{name}-equation.png").write_bytes(png)
+        x0, y0 = max(clip["x"], 0), max(clip["y"], 0)
+        crop = shot.crop((x0, y0, min(x0 + clip["width"], shot.width), min(y0 + clip["height"], shot.height)))
+        crop.save(tmp_path / f"{name}-equation.png")
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)
             shutil.copy2(tmp_path / f"{name}-equation.png", Path(keep) / f"{name}-equation.png")
-        img = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+        img = np.asarray(crop.convert("L"))
         ink = img < 128
         assert img.shape[0] >= 30 and img.shape[1] >= 60, f"{name}: equation only {img.shape} px"
         assert 0.01 < ink.mean() < 0.6, f"{name}: the equation's pixels look empty or solid ({ink.mean():.3f})"
@@ -276,9 +279,10 @@ def test_chapter_pages_fold_code_rerun_box_and_download(smoke_book):
     html, root = smoke_book["html"], smoke_book["root"]
     for c in chapters.chapters(root):
         page = (html / c.html).read_text()
-        assert presentation.RERUN_CLASS in page and f"fbsem book run {c.number} --profile smoke" in page, c.name
+        text = html_lib.unescape(re.sub(r"<[^>]+>", "", page))
+        assert presentation.RERUN_CLASS in page and f"fbsem book run {c.number} --profile smoke" in text, c.name
         assert "tag_hide-input" in page, f"{c.name}: no folded code"
-        assert "profile = os.environ.get(" in page.replace("&quot;", '"'), f"{c.name}: the parameters cell is gone"
+        assert "profile = os.environ.get(" in text, f"{c.name}: the parameters cell's code is not in the page"
         assert 'href="../notation.html"' in page, f"{c.name}: no link to the notation page"
         dl = re.search(r'href="([^"]+\.ipynb)"[^>]*btn-download-source-button', page)
         assert dl, f"{c.name}: no download button for the notebook"
