@@ -6,6 +6,8 @@
 ``chapters``         the chapters of ``_toc.yml``, their parameters cells
 ``execute``          running the chapters with papermill
 ``publish``          the HTML with Jupyter Book, nbval references
+``presentation``     executed chapters: folded plumbing, the "Rerun this chapter" box
+``sphinx_ext``       the book's Sphinx extension: the introduction's chapter list
 ``build``            ``fbsem book {build,execute,run,html}``
 ``experiments``      cached datasets, trained runs and evaluations; named runs
 ``requests``         the cached results that several chapters ask for, in one place
