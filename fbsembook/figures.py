@@ -8,6 +8,7 @@ colour scale across compared images, and alt text on every figure.
 * :func:`setup` -- sets those in matplotlib's ``rcParams`` (once; called by :func:`install`);
 * :func:`show_images` -- images side by side on ONE colour scale (by default) with a colour
   bar labelled with its unit;
+* :func:`shared_colorbar` -- one labelled colour bar for panels drawn on one scale;
 * :func:`describe` -- the alt text of a figure, from its titles, axis labels and colour bars;
 * :func:`install` -- in a chapter's kernel (the book's kernel runs it at start-up, see
   :mod:`fbsembook.execute`): applies :func:`setup` and attaches :func:`describe` to every
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["OKABE_ITO", "CMAP_ACTIVITY", "CMAP_MR", "CMAP_DIFFERENCE", "ACTIVITY_UNIT", "setup", "show_images",
+__all__ = ["OKABE_ITO", "CMAP_ACTIVITY", "CMAP_MR", "CMAP_DIFFERENCE", "ACTIVITY_UNIT", "setup", "show_images", "shared_colorbar",
            "describe", "install", "apply_alt_text"]
 
 #: Okabe & Ito (2008), "Color Universal Design": orange, sky blue, bluish green, yellow, blue,
@@ -123,6 +124,15 @@ def show_images(
     if suptitle:
         fig.suptitle(suptitle)
     return fig, axes
+
+
+def shared_colorbar(fig, axes, mappable, label: str | None = ACTIVITY_UNIT):
+    """One colour bar for ``axes`` (panels drawn on the same scale as ``mappable``), labelled
+    with ``label`` (its unit); returns it."""
+    cb = fig.colorbar(mappable, ax=list(np.ravel(axes)), fraction=0.046 / max(1, np.ndim(axes)), pad=0.02)
+    if label:
+        cb.set_label(label, fontsize=8)
+    return cb
 
 
 def describe(fig) -> str:
