@@ -19,6 +19,11 @@ The cell after it resolves the values with :func:`profile_params` (papermill inj
     p   # displays a table of the values and where each came from
 
 Expensive results (datasets, trained models) go under :func:`cache_dir`.
+
+A profile is a shipped name or the path of one's own experiment YAML
+(:func:`resolve_profile`; its chapter defaults are those of :func:`base_profile`). The
+profile's own fields are overridden with dotted names, ``-p section.field VALUE``
+(:mod:`fbsembook.overrides`); the table of :func:`profile_params` lists those overrides too.
 """
 
 from __future__ import annotations
