@@ -93,6 +93,15 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dims", choices=["2d", "3d"], default=None)
 
 
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--device", default=None, help="training / evaluation device (default: cuda when available)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the experiment (YAML value; repeatable)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each step (median)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 COMMANDS: dict[str, Command] = {
     "info": Command("fbsemlib.cli.info", "cmd_info", "versions, backends and devices", _add_info),
     "simulate": Command("fbsemlib.cli.simulate", "cmd_simulate", "simulate a dataset from a recipe", _add_simulate),
@@ -100,6 +109,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("fbsemlib.cli.evaluate", "cmd_evaluate", "evaluate a trained model against baselines", _add_evaluate),
     "reconstruct": Command("fbsemlib.cli.evaluate", "cmd_reconstruct", "reconstruct a sinogram with a trained model", _add_reconstruct),
     "memory": Command("fbsemlib.cli.memory", "cmd_memory", "peak training memory for K unrolled modules", _add_memory),
+    "plan": Command("fbsemlib.cli.plan", "cmd_plan", "forecast wall time, memory and disk of an experiment",
+                    _add_plan),
 }
 
 
