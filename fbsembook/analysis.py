@@ -10,7 +10,7 @@ Used by the chapters "The original FBSEM-Net", "Iteration-dependent targets" and
 * Reconstructions of one sample by nets and baselines: :func:`reconstruct_sample`,
   :func:`osem_iterates`.
 * Several training runs (seeds): :func:`run_means`, :func:`per_sample`,
-  :func:`seed_spread` (whose rows feed :func:`fbsembook.verdicts.verdict_consistency`),
+  :func:`seed_spread` (the across-seed spread that chapter 5 shows),
   :func:`image_spread`, :func:`paired_comparison`, :func:`comparison_verdict`.
 * Data outside the training distribution: :func:`variant_sections` builds the recipe of
   a second dataset of the SAME geometry and unrolled schedule (other counts, other

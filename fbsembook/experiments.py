@@ -260,12 +260,14 @@ def evaluate(run: Run | Path | None, data_dir: Path, config: BaselineConfig | No
     section of the dataset's profile)."""
     from fbsemlib.data import open_dataset
     from fbsemlib.evaluation.baselines import METHODS
+    from fbsemlib.evaluation.evaluator import METRIC_KEYS
 
     info = open_dataset(data_dir, checksums=False)
     cfg = config or _default_baselines(info)
     run_path = Path(run.path if isinstance(run, Run) else run) if run is not None else None
     methods = tuple(methods or ((("fbsem",) if run_path else ()) + METHODS))
-    h = config_hash({"data": info.recipe_hash, "run": str(run_path), "baselines": cfg.to_dict(), "methods": methods})
+    h = config_hash({"data": info.recipe_hash, "run": str(run_path), "baselines": cfg.to_dict(), "methods": methods,
+                     "metrics": METRIC_KEYS})  # a new metric re-evaluates
     path = (run_path if run_path else _cache_root() / "evaluations") / f"evaluation-{h}.json"
     needs_sweep = len(methods) > 1 or "fbsem" not in methods
     return _cached_evaluation(path, run_path, data_dir, cfg, methods, device, progress,
@@ -283,6 +285,7 @@ def evaluate_fixed_strengths(data_dir: Path, strengths: dict[str, float | None],
     Same result format as :func:`evaluate`; cached under ``<cache>/evaluations`` by the
     dataset, strengths, methods and baseline config."""
     from fbsemlib.data import open_dataset
+    from fbsemlib.evaluation.evaluator import METRIC_KEYS
 
     methods = tuple(methods)
     if "fbsem" in methods:
@@ -293,7 +296,8 @@ def evaluate_fixed_strengths(data_dir: Path, strengths: dict[str, float | None],
     cfg = config or BaselineConfig()
     best = {m: (None if m == "osem" else float(strengths[m])) for m in methods}
     info = open_dataset(data_dir, checksums=False)
-    h = config_hash({"data": info.recipe_hash, "best": best, "methods": methods, "baselines": cfg.to_dict()})
+    h = config_hash({"data": info.recipe_hash, "best": best, "methods": methods, "baselines": cfg.to_dict(),
+                     "metrics": METRIC_KEYS})
     path = Path(_cache_root() / "evaluations") / f"evaluation-fixed-{h}.json"
     return _cached_evaluation(path, None, data_dir, cfg, methods, device, progress,
                               lambda: SweepResult("given", {}, best))

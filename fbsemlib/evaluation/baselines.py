@@ -4,7 +4,8 @@ Methods (all with the unrolled schedule ``num_iterations x num_subsets`` of the 
 from ``x0 = 1`` in the field of view, exactly as FBSEM-Net):
 
 * ``osem``:               plain OSEM;
-* ``osem_postfilter``:    OSEM followed by a Gaussian filter of FWHM ``fwhm_mm``;
+* ``osem_postfilter``:    OSEM followed by a Gaussian filter of FWHM ``fwhm_mm`` (0 mm: none, so the
+  sweep can pick plain OSEM);
 * ``mapem_quadratic``:    De Pierro MAP-EM with a quadratic (inverse-distance 3x3[x3]) prior;
 * ``mapem_bowsher``:      De Pierro MAP-EM with the MR-guided Bowsher prior.
 
@@ -50,8 +51,10 @@ class BaselineConfig:
     def __post_init__(self) -> None:
         for name in ("fwhm_mm", "beta_quadratic", "beta_bowsher"):
             vals = getattr(self, name)
-            if not isinstance(vals, (list, tuple)) or len(vals) == 0 or any(not (float(v) > 0) for v in vals):
-                raise ValueError(f"baselines.{name} must be a non-empty list of positive numbers, got {vals!r}")
+            low_ok = (lambda v: float(v) >= 0) if name == "fwhm_mm" else (lambda v: float(v) > 0)
+            if not isinstance(vals, (list, tuple)) or len(vals) == 0 or any(not low_ok(v) for v in vals):
+                what = "non-negative (0: no filter)" if name == "fwhm_mm" else "positive"
+                raise ValueError(f"baselines.{name} must be a non-empty list of {what} numbers, got {vals!r}")
             setattr(self, name, [float(v) for v in vals])
         if not isinstance(self.bowsher_neighbours, int) or not 1 <= self.bowsher_neighbours <= 26:
             raise ValueError(f"baselines.bowsher_neighbours must be in 1..26, got {self.bowsher_neighbours!r}")

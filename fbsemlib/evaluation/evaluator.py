@@ -6,6 +6,9 @@ validation split (:mod:`fbsemlib.evaluation.baselines`), and computes per sample
 mask and against the true activity:
 
 * NRMSE (%), PSNR (dB), SSIM;
+* NRMSE (%) against the last iteration-dependent target ``t_K`` (``nrmse_last_target``:
+  how far from what the iteration-dependent targets teach) and the NRMSE of ``t_K``
+  itself (``target_floor``: the error that reproducing the targets cannot remove);
 * lesion contrast recovery (hot and cold PET lesions, mean over lesions; background = a
   2-voxel ring around each lesion inside the brain);
 * background variability (%) in white matter (voxels whose true activity is within 5 %
@@ -42,7 +45,7 @@ from fbsemlib.training.model_io import RUN_FILES
 __all__ = ["evaluate", "lesion_metrics", "white_matter_mask", "summarise", "prepare_evaluation_folder",
            "write_evaluation", "print_summary"]
 
-METRIC_KEYS = ("nrmse", "psnr", "ssim", "crc_hot", "crc_cold", "bv_wm")
+METRIC_KEYS = ("nrmse", "psnr", "ssim", "crc_hot", "crc_cold", "bv_wm", "nrmse_last_target", "target_floor")
 
 
 def white_matter_mask(activity: torch.Tensor, brain: torch.Tensor, lesions: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,6 +174,8 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
             info = test.lesion_info(i)
             meta = test.info(i)
             act, brain = item["activity"].to(P.device), item["brain_mask"].to(P.device)
+            t_last = item["targets"][-1].to(P.device)
+            floor = float(metrics.nrmse(t_last, act, brain))
             wm = white_matter_mask(act, brain, labels.to(P.device)[None])
             for method in methods:
                 x = recons[method][j]
@@ -179,7 +184,8 @@ def evaluate(model_dir, data_dir, device=None, baseline_config: BaselineConfig |
                        "subject": meta.get("subject"), "image": meta.get("image_index", meta.get("image")),
                        "realisation": meta.get("realisation"),
                        "nrmse": float(metrics.nrmse(x, act, brain)), "psnr": float(metrics.psnr(x, act, brain)),
-                       "ssim": float(metrics.ssim(x, act, brain))}
+                       "ssim": float(metrics.ssim(x, act, brain)),
+                       "nrmse_last_target": float(metrics.nrmse(x, t_last, brain)), "target_floor": floor}
                 row.update(lesion_metrics(x[0], act[0], brain[0], labels.to(P.device), info))
                 row["bv_wm"] = float(metrics.background_variability(x, wm)) if int(wm.sum()) > 1 else None
                 rows.append(row)
