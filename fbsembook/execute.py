@@ -168,7 +168,8 @@ def _execute_one(job: dict) -> dict:
             "seconds": round(seconds, 2),
         }
         # fold the plumbing, put the rerun box under the title (fbsembook.presentation)
-        present(nbx, job["name"], job["profile"], nbx.metadata["fbsem"]["parameters"], seconds)
+        present(nbx, job["name"], job["profile"], nbx.metadata["fbsem"]["parameters"], seconds,
+                notation=(src.parent / "notation.md").is_file())
         nbformat.write(nbx, tmp)
         os.replace(tmp, out)
         if failed.exists():

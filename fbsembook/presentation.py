@@ -144,8 +144,9 @@ def _profile_arg(profile: str) -> str:
 
 
 def rerun_box(nb, number: int | str, profile: str, overrides: Mapping[str, Any] | None = None,
-              seconds: float | None = None) -> str:
-    """The MyST text of the "Rerun this chapter" admonition of chapter ``number``."""
+              seconds: float | None = None, notation: bool = True) -> str:
+    """The MyST text of the "Rerun this chapter" admonition of chapter ``number`` (with a
+    link to the notation page when the book has one, ``notation``)."""
     overrides = {k: v for k, v in (overrides or {}).items() if k != "profile"}
     helps = parameter_help(nb)
     values = {**_literal_defaults(nb, profile), **overrides}
@@ -166,8 +167,9 @@ def rerun_box(nb, number: int | str, profile: str, overrides: Mapping[str, Any] 
         lines.append(f"Change a parameter with `-p NAME VALUE`, e.g. `{run} -p {example} {_cli_value(values[example])}` "
                      "(the value this page used); `-p device cpu` forces the CPU.")
     lines.append("A profile is `smoke` (seconds), `cpu` (a laptop) or `paper` (a GPU), or your own copy of "
-                 "`data/cpu.yaml` given as `--profile my.yaml`. "
-                 f"The symbols ($y$, $x$, $A$, $K$, ...) are defined on the {{doc}}`notation page <{NOTATION_DOC}>`.")
+                 "`data/cpu.yaml` given as `--profile my.yaml`."
+                 + (f" The symbols ($y$, $x$, $A$, $K$, ...) are defined on the {{doc}}`notation page <{NOTATION_DOC}>`."
+                    if notation else ""))
     if helps:
         lines += ["", ":::{dropdown} Parameters worth changing (this page's values are in its parameters table)"]
         lines += [f"- `{k}`: {h}" if h else f"- `{k}`" for k, h in helps.items()]
@@ -190,7 +192,7 @@ def _insert_after_title(cells, text: str) -> bool:
 
 
 def present(nb, chapter: str, profile: str, overrides: Mapping[str, Any] | None = None,
-            seconds: float | None = None) -> None:
+            seconds: float | None = None, notation: bool = True) -> None:
     """Fold the plumbing of the executed chapter ``chapter`` (its name, ``NN_slug``) and put
     the rerun box under its title (in place; a notebook that already has the box keeps it)."""
     fold_code(nb)
@@ -198,5 +200,5 @@ def present(nb, chapter: str, profile: str, overrides: Mapping[str, Any] | None 
         return
     m = re.match(r"(\d+)_", chapter)
     key = int(m.group(1)) if m else chapter  # what `fbsem book run` takes
-    if not _insert_after_title(nb.cells, rerun_box(nb, key, profile, overrides, seconds)):
+    if not _insert_after_title(nb.cells, rerun_box(nb, key, profile, overrides, seconds, notation)):
         raise ValueError("the chapter's first markdown cell has no '# title' line to put the rerun box under")

@@ -81,6 +81,7 @@ def test_rerun_box_under_the_title():
     assert nb.cells[0].source.count(presentation.RERUN_CLASS) == 1
     box = presentation.rerun_box(_notebook(), 3, "smoke")
     assert "e.g. `fbsem book run 3 --profile smoke -p image_size 48`" in box  # the profile's own value
+    assert "notation" not in presentation.rerun_box(_notebook(), 3, "smoke", notation=False)  # a book without one
     no_title = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("no title here")])
     with pytest.raises(ValueError, match="title"):
         presentation.present(no_title, "01_x", "smoke")
