@@ -4,6 +4,7 @@ Everything runs on tiny in-memory datasets (24 x 24 images, the ``tiny2d`` scann
 with the forward model and OSEM, so these tests do not depend on the simulation code."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -560,3 +561,22 @@ def test_memory_cache_that_does_not_fit_is_refused_before_training(tmp_path, mon
     assert not (tmp_path / "memory" / "model.pt").exists()
     m = SequentialTrainer(make_net(1, 2), ds, val, cfg(cache="auto"), tmp_path / "auto", progress=False).fit()
     assert m["cache"] == "disk"
+
+
+@pytest.mark.parametrize("mode", ["end-to-end", "sequential"])
+def test_checkpoint_selection_by_validation_nrmse_to_the_phantom(tmp_path, mode):
+    """checkpoint_selection: validation keeps the weights (end-to-end: of the run; sequential:
+    of the last stage) whose final image had the lowest validation NRMSE to the phantom, the
+    criterion of the baselines' strengths; "last" keeps the last epoch's."""
+    ds, val = data(1, 2)
+    Trainer = EndToEndTrainer if mode == "end-to-end" else SequentialTrainer
+    net = make_net(1, 2, seed=5)
+    c = cfg(epochs=4, epochs_per_module=4, lr=3e-2, checkpoint_selection="validation", bn_recalibration=False)
+    tr = Trainer(net, ds, val, c, tmp_path, progress=False)
+    m = tr.fit()
+    last = 0 if mode == "end-to-end" else 1  # the stage that makes the final image
+    errs = [h["val_nrmse_phantom"] for h in tr.history if h.get("kind") == "epoch" and h.get("stage") == last]
+    assert len(errs) == 4 and all(math.isfinite(e) for e in errs) and len(set(errs)) > 1
+    assert m["val_eval"]["nrmse_phantom"] == pytest.approx(min(errs), rel=1e-5)
+    with pytest.raises(ValueError, match="checkpoint_selection"):
+        cfg(checkpoint_selection="best")

@@ -176,19 +176,51 @@ class Trainer:
             cb(event, rec)
 
     # -- data -----------------------------------------------------------------------------
-    def _loader(self, ds, order: list[int], targets="all", batch_indices: list[list[int]] | None = None) -> DataLoader:
+    def _loader(self, ds, order: list[int], targets="all", batch_indices: list[list[int]] | None = None,
+                truth: bool = False) -> DataLoader:
         if batch_indices is None:
             batch_indices = batches(order, self.config.batch_size)
-        return DataLoader(TrainingSamples(ds, targets), batch_sampler=batch_indices,
+        return DataLoader(TrainingSamples(ds, targets, truth), batch_sampler=batch_indices,
                           num_workers=self.config.num_workers, collate_fn=collate,
                           pin_memory=self.dev.type == "cuda")
 
-    def _device_batches(self, ds, order: list[int], targets="all",
-                        batch_indices: list[list[int]] | None = None) -> Iterator[tuple[torch.Tensor, LoadedBatch]]:
+    def _device_batches(self, ds, order: list[int], targets="all", batch_indices: list[list[int]] | None = None,
+                        truth: bool = False) -> Iterator[tuple[torch.Tensor, LoadedBatch]]:
         """``(indices, batch on the training device)`` of ``ds`` in ``order`` (the indices,
-        the samples' positions in ``ds``, stay on the CPU)."""
-        for b in self._loader(ds, order, targets, batch_indices):
+        the samples' positions in ``ds``, stay on the CPU); ``truth``: with the true
+        activity and brain mask (only datasets that have them)."""
+        truth = truth and self._has_truth(ds)
+        for b in self._loader(ds, order, targets, batch_indices, truth):
             yield b.index, b.to(self.dev, non_blocking=True)
+
+    @staticmethod
+    def _has_truth(ds) -> bool:
+        """Whether the samples of ``ds`` carry the true activity and brain mask."""
+        try:
+            s = ds[0]
+        except (IndexError, TypeError):
+            return False
+        return s.get("activity") is not None and s.get("brain_mask") is not None
+
+    def _phantom_error(self, out: torch.Tensor, b: PETBatch) -> float:
+        """Sum over the batch of the relative error (:func:`relative_error`) of ``out`` to
+        the true activity inside the brain: the NRMSE (fraction) of the evaluation, the
+        validation criterion of ``checkpoint_selection: validation`` and the one the
+        baselines' strengths are chosen by; NaN without the truth."""
+        if b.activity is None or b.brain_mask is None:
+            return float("nan")
+        m = b.brain_mask.to(out.device).to(out.dtype)
+        return float(relative_error(out.float() * m, b.activity.to(out.device).float() * m).sum())
+
+    def _selection_value(self, v: dict) -> float:
+        """The number a validation is ranked by: the loss, or (``checkpoint_selection:
+        validation``) the NRMSE of the final image to the phantom."""
+        if self.config.checkpoint_selection == "validation":
+            if not math.isfinite(v.get("nrmse_phantom", float("nan"))):
+                raise TrainingError("checkpoint_selection: validation needs a validation dataset with the true "
+                                    "activity and brain mask")
+            return v["nrmse_phantom"]
+        return v["loss"]
 
     def _prepare(self, b: PETBatch):
         return self.model.prepare(b.y, b.multiplicative, b.additive, b.mr)
@@ -415,12 +447,13 @@ class Trainer:
     def evaluate(self, ds) -> dict:
         """Run the whole network (eval mode) on ``ds``: the end-to-end loss (with this
         config's targets and weights), NRMSE (:func:`relative_error`) of the last output vs
-        the last iteration-dependent target and vs the high-count reference."""
+        the last iteration-dependent target and vs the high-count reference, and vs the
+        true activity inside the brain (``nrmse_phantom``; NaN without the truth)."""
         was = self.model.training
         self.model.eval()
-        tot = {"loss": 0.0, "nrmse_last_target": 0.0, "nrmse_reference": 0.0}
+        tot = {"loss": 0.0, "nrmse_last_target": 0.0, "nrmse_reference": 0.0, "nrmse_phantom": 0.0}
         n = 0
-        for idx, b in self._device_batches(ds, _dist.shard(range(len(ds)))):  # this rank's shard (all in one process)
+        for idx, b in self._device_batches(ds, _dist.shard(range(len(ds))), truth=True):  # this rank's shard
             ctx = self._prepare(b)
             with self._autocast():
                 outs = self.model.run(ctx, return_all=True)
@@ -430,12 +463,12 @@ class Trainer:
             tot["nrmse_last_target"] += float(relative_error(outs[-1], b.targets[:, self.K - 1]).sum()) \
                 if b.targets.shape[1] >= self.K else float("nan")
             tot["nrmse_reference"] += float(relative_error(outs[-1], b.target_final).sum())
+            tot["nrmse_phantom"] += self._phantom_error(outs[-1], b)
             n += B
         self.model.train(was)
         if _dist.is_distributed():
-            s = _dist.all_reduce_sums([tot["loss"], tot["nrmse_last_target"], tot["nrmse_reference"], n]).tolist()
-            tot = {"loss": s[0], "nrmse_last_target": s[1], "nrmse_reference": s[2]}
-            n = int(round(s[3]))
+            s = _dist.all_reduce_sums([*tot.values(), n]).tolist()
+            tot, n = dict(zip(tot, s[:-1])), int(round(s[-1]))
         return {k: v / max(n, 1) for k, v in tot.items()}
 
     def _e2e_loss(self, outs: list[torch.Tensor], b: PETBatch) -> torch.Tensor:

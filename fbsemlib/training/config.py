@@ -15,7 +15,10 @@ the paper trains against iteration-dependent targets; ``targets: final`` (every 
 against the high-count reference), ``loss_weights`` other than uniform, ``stage_init``
 (warm starts), ``grad_checkpointing``, the separate learning rate of the strengths
 ``rho`` (``g = softplus(rho)``, never weight-decayed), the LR schedules and early stopping
-(restoring the best validated weights of the run / stage) are choices. Epoch-based
+(restoring the best validated weights of the run / stage) and ``checkpoint_selection``
+(``validation``: keep the validated weights, of the run in end-to-end mode or of the last
+stage in sequential mode, whose final image has the lowest NRMSE to the true activity
+inside the brain, the criterion by which the baselines' strengths are chosen) are choices. Epoch-based
 quantities count epochs of the run in end-to-end mode and epochs of the stage in
 sequential mode. The modules' pages say how each is implemented.
 """
@@ -79,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     grad_checkpointing: bool = False  # end-to-end only: recompute each module in the backward pass
     bn_recalibration: bool = True  # end-to-end only: re-estimate BatchNorm statistics module by module after training
+    checkpoint_selection: str = "last"  # "last" | "validation": the validated weights with the lowest NRMSE of the final image to the phantom
     validation_every: int = 1  # epochs
     early_stopping_patience: int | None = None  # validations without improvement (per stage); None = off
     cache: str = "auto"  # sequential inputs: "auto" | "memory" | "disk"
@@ -92,7 +96,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"mode": MODES, "targets": ("iteration-dependent", "final"),
                    "lr_schedule": ("constant", "cosine", "step"), "cache": ("auto", "memory", "disk"),
-                   "stage_init": ("fresh", "previous", "best")}
+                   "stage_init": ("fresh", "previous", "best"), "checkpoint_selection": ("last", "validation")}
         for name in ("mode", "targets"):
             self._check_choice(name, choices[name])
         lw = self.loss_weights
@@ -137,6 +141,7 @@ class TrainConfig:
         if not is_number(self.cache_memory_mb) or self.cache_memory_mb < 0:
             raise _err("cache_memory_mb", f"must be a non-negative number, got {self.cache_memory_mb!r}")
         self._check_choice("stage_init", choices["stage_init"])
+        self._check_choice("checkpoint_selection", choices["checkpoint_selection"])
         for name in ("grad_checkpointing", "bn_recalibration", "amp", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be true or false, got {getattr(self, name)!r}")

@@ -88,15 +88,18 @@ class EndToEndTrainer(Trainer):
                    "train_loss": st["train_loss"], "lr": lr, "best": None}
             if self.val_dataset is not None and ((epoch + 1) % c.validation_every == 0 or epoch + 1 == c.epochs):
                 v = self._validated(self.evaluate(self.val_dataset), "")
-                rec.update(val_loss=v["loss"], val_nrmse=v["nrmse_last_target"], val_nrmse_final=v["nrmse_reference"])
+                rec.update(val_loss=v["loss"], val_nrmse=v["nrmse_last_target"], val_nrmse_final=v["nrmse_reference"],
+                           val_nrmse_phantom=v["nrmse_phantom"])
                 st["val_loss"], st["val_nrmse"] = v["loss"], v["nrmse_last_target"]
-                rec["best"] = EarlyStop.update(st, v["loss"], epoch, lambda: clone_state(net.state_dict()),
-                                               c.early_stopping_patience)
+                rec["best"] = EarlyStop.update(st, self._selection_value(v), epoch,
+                                               lambda: clone_state(net.state_dict()), c.early_stopping_patience,
+                                               keep_best=c.checkpoint_selection == "validation")
             rec["epoch_time_s"] = time.perf_counter() - t_ep
             self._log_epoch(rec)
             if (epoch + 1) % c.checkpoint_every == 0 or epoch + 1 == c.epochs or st["stopped"]:
                 self._save_checkpoint(self._checkpoint_payload({"stage": 0, "epoch": epoch + 1}, opt, sched, st))
-        if c.early_stopping_patience is not None and st["best_state"] is not None:
+        if st["best_state"] is not None and (c.early_stopping_patience is not None
+                                             or c.checkpoint_selection == "validation"):
             net.load_state_dict(st["best_state"])
         if c.bn_recalibration and not st.get("recalibrated"):
             order = list(range(N))

@@ -51,10 +51,11 @@ class LoadedBatch(PETBatch):
 class TrainingSamples(Dataset):
     """The samples of a dataset as :class:`LoadedBatch` items. ``targets``: ``"all"`` keeps
     the ``(K, 1, Z, Y, X)`` targets, an integer ``k`` only target ``k`` (``(1, 1, Z, Y, X)``:
-    less copying in sequential stages), ``None`` none."""
+    less copying in sequential stages), ``None`` none. ``truth``: keep ``activity`` and
+    ``brain_mask`` too (validation by the NRMSE to the phantom)."""
 
-    def __init__(self, ds: Dataset, targets: int | str | None = "all"):
-        self.ds, self.targets = ds, targets
+    def __init__(self, ds: Dataset, targets: int | str | None = "all", truth: bool = False):
+        self.ds, self.targets, self.truth = ds, targets, truth
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -68,7 +69,8 @@ class TrainingSamples(Dataset):
         else:
             targets = s.targets[self.targets:self.targets + 1]
         return LoadedBatch(y=s.y, multiplicative=s.multiplicative, additive=s.additive, mr=s.mr, targets=targets,
-                           target_final=s.target_final, activity=None, brain_mask=None, index=i)
+                           target_final=s.target_final, activity=s.activity if self.truth else None,
+                           brain_mask=s.brain_mask if self.truth else None, index=i)
 
 
 def collate(items: list[LoadedBatch]) -> LoadedBatch:

@@ -62,12 +62,15 @@ class EarlyStop:
                 "train_loss": None, "val_loss": None, "val_nrmse": None, "epochs_run": 0, "stage_time_s": 0.0}
 
     @staticmethod
-    def update(st: dict, val_loss: float, epoch: int, state_fn: Callable[[], dict], patience: int | None) -> bool:
-        """Record a validation; return True when it is the best so far."""
+    def update(st: dict, val_loss: float, epoch: int, state_fn: Callable[[], dict], patience: int | None,
+               keep_best: bool = False) -> bool:
+        """Record a validation (``val_loss``: the number validations are ranked by, lower
+        is better); return True when it is the best so far. The best weights are kept
+        with early stopping (``patience``) or ``keep_best`` (checkpoint selection)."""
         if st["best_val"] is None or val_loss < st["best_val"]:
             st["best_val"], st["best_epoch"], st["bad"] = val_loss, epoch, 0
             st["best_val_nrmse"] = st.get("val_nrmse")
-            if patience is not None:
+            if patience is not None or keep_best:
                 st["best_state"] = state_fn()
             return True
         st["bad"] += 1

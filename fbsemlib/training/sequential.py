@@ -305,12 +305,13 @@ class SequentialTrainer(Trainer):
         net.regularisers[i].train()
 
     @torch.no_grad()
-    def _stage_outputs(self, k: int, split: str, indices):
+    def _stage_outputs(self, k: int, split: str, indices, truth: bool = False):
         """``(module k's output, batch)`` for this rank's share of ``indices`` of a split,
-        from the cached inputs (no gradient; the caller sets the modules' modes)."""
+        from the cached inputs (no gradient; the caller sets the modules' modes); ``truth``:
+        the batches carry the true activity and brain mask."""
         ds = self.train_dataset if split == "train" else self.val_dataset
         cache = self._caches[split]
-        for idx, b in self._device_batches(ds, _dist.shard(indices), targets=self._stage_targets(k)):
+        for idx, b in self._device_batches(ds, _dist.shard(indices), targets=self._stage_targets(k), truth=truth):
             ctx = self._context(b, idx, k, split)
             with self._autocast():
                 out = self.model.step(k, cache.x.get(idx).to(self.dev), ctx).float()
@@ -319,17 +320,20 @@ class SequentialTrainer(Trainer):
     @torch.no_grad()
     def _validate_stage(self, k: int) -> dict:
         self.model.eval()
-        tl, tn, tf, n = 0.0, 0.0, 0.0, 0
-        for out, b in self._stage_outputs(k, "validation", range(len(self.val_dataset))):
+        tl, tn, tf, tp, n = 0.0, 0.0, 0.0, 0.0, 0
+        last = k == self.K - 1  # the final image: its error to the phantom too
+        for out, b in self._stage_outputs(k, "validation", range(len(self.val_dataset)), truth=last):
             t = self._step_targets(b)
             B = len(out)
             tl += float(relative_mse(out, t)) * B
             tn += float(relative_error(out, t).sum())
             tf += float(relative_error(out, b.target_final).sum())
+            tp += self._phantom_error(out, b) if last else float("nan")
             n += B
         if _dist.is_distributed():
-            tl, tn, tf, n = _dist.all_reduce_sums([tl, tn, tf, n]).tolist()
-        return self._validated({"loss": tl / n, "nrmse": tn / n, "nrmse_final": tf / n}, f"stage {k + 1}: ")
+            tl, tn, tf, tp, n = _dist.all_reduce_sums([tl, tn, tf, tp, n]).tolist()
+        return self._validated({"loss": tl / n, "nrmse": tn / n, "nrmse_final": tf / n, "nrmse_phantom": tp / n},
+                               f"stage {k + 1}: ")
 
     # -- the stages ------------------------------------------------------------------------------
     def _run(self, ck: dict | None) -> None:
@@ -429,10 +433,13 @@ class SequentialTrainer(Trainer):
                    "train_loss": st["train_loss"], "lr": lr, "best": None}
             if self.val_dataset is not None and ((epoch + 1) % c.validation_every == 0 or epoch + 1 == E):
                 v = self._validate_stage(k)
-                rec.update(val_loss=v["loss"], val_nrmse=v["nrmse"], val_nrmse_final=v["nrmse_final"])
+                rec.update(val_loss=v["loss"], val_nrmse=v["nrmse"], val_nrmse_final=v["nrmse_final"],
+                           val_nrmse_phantom=v["nrmse_phantom"])
                 st["val_loss"], st["val_nrmse"] = v["loss"], v["nrmse"]
-                rec["best"] = EarlyStop.update(st, v["loss"], epoch, lambda: self._module_state(k),
-                                               c.early_stopping_patience)
+                select = c.checkpoint_selection == "validation" and k == self.K - 1  # the final image's stage
+                rec["best"] = EarlyStop.update(st, self._selection_value(v) if select else v["loss"], epoch,
+                                               lambda: self._module_state(k), c.early_stopping_patience,
+                                               keep_best=select)
             rec["epoch_time_s"] = time.perf_counter() - t_ep
             st["stage_time_s"] = float(st.get("stage_time_s", 0.0)) + rec["epoch_time_s"]
             self._log_epoch(rec)
@@ -447,7 +454,8 @@ class SequentialTrainer(Trainer):
         """Restore the stage's best weights (early stopping), cache the next stage's inputs,
         log the stage and checkpoint."""
         c, net = self.config, self.model
-        if c.early_stopping_patience is not None and st["best_state"] is not None:
+        selected = c.checkpoint_selection == "validation" and k == self.K - 1
+        if st["best_state"] is not None and (c.early_stopping_patience is not None or selected):
             self._load_module_state(k, st["best_state"])
         net.zero_grad(set_to_none=True)
         for p in net.parameters():
