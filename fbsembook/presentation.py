@@ -8,6 +8,9 @@
   and of cells that draw figures is tagged ``hide-input`` (Jupyter Book shows a "Show code
   cell source" toggle; the outputs stay). A cell tagged ``show-input`` is never folded, nor
   is the code of an exercise's solution (between ``solution-start`` and ``solution-end``).
+* **the chapter's answer up front**: a chapter glues the short answer it computes
+  (:func:`answer`, MyST-NB's ``glue``) and its opening paragraph pastes it with
+  ``{glue:md}`key```, so a page opens with its question and its answer, measured.
 * **a "Rerun this chapter" box** under the title, generated from the chapter's
   ``parameters`` cell: the exact command that reproduces the page, the parameters worth
   changing with their meaning, and a link to the notation page.
@@ -20,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["FOLD_TAG", "KEEP_TAG", "RERUN_CLASS", "parameter_help", "fold_code", "rerun_box", "present"]
+__all__ = ["FOLD_TAG", "KEEP_TAG", "RERUN_CLASS", "parameter_help", "fold_code", "rerun_box", "present", "answer"]
 
 FOLD_TAG = "hide-input"
 KEEP_TAG = "show-input"
@@ -202,3 +205,13 @@ def present(nb, chapter: str, profile: str, overrides: Mapping[str, Any] | None 
     key = int(m.group(1)) if m else chapter  # what `fbsem book run` takes
     if not _insert_after_title(nb.cells, rerun_box(nb, key, profile, overrides, seconds, notation)):
         raise ValueError("the chapter's first markdown cell has no '# title' line to put the rerun box under")
+
+
+def answer(key: str, markdown: str) -> str:
+    """Glue ``markdown`` under ``key`` in the running notebook (not displayed where it is
+    computed), for the chapter's opening to paste with ``{glue:md}`key```; returns it."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    glue(key, Markdown(markdown), display=False)
+    return markdown

@@ -143,6 +143,12 @@ def forest_plot(verdicts: Mapping, ax=None, colours: Mapping[str, str] | None = 
                           n.get("equivalence_margin")))
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 0.45 * max(len(lines), 2) + 1.2))
+    # the axis spans the estimates and thresholds, at most -100 % .. +110 %: a longer interval
+    # (e.g. a spread ratio from few seeds) is drawn to the edge with an arrow head
+    finite = [100 * x for _, c, *_ in lines for x in (c.estimate, c.low, c.high) if x is not None and np.isfinite(x)]
+    finite += [100 * t for *_, me, tie, eq in lines for t in (me, eq) if t]
+    lo, hi = max(-100.0, min(finite + [0.0]) - 5), min(110.0, max(finite + [0.0]) + 5)
+    clip = lambda v: min(max(100 * v, lo), hi)  # noqa: E731
     for i, (label, c, verdict, me, tie, eq) in enumerate(lines):
         y = len(lines) - 1 - i
         col = colours.get(verdict, "grey")
@@ -152,9 +158,14 @@ def forest_plot(verdicts: Mapping, ax=None, colours: Mapping[str, str] | None = 
             ax.plot([-100 * eq] * 2, [y - 0.35, y + 0.35], color="k", lw=1.5)
         if me:
             ax.plot([100 * me] * 2, [y - 0.35, y + 0.35], color="k", lw=1.5)
-        if c.low is not None and c.high is not None and np.isfinite([c.low, c.high]).all():
-            ax.plot([100 * c.low, 100 * c.high], [y, y], color=col, lw=2.5)
-        ax.plot([100 * c.estimate], [y], "o", color=col, ms=7)
+        if c.low is not None and c.high is not None and not (np.isnan(c.low) or np.isnan(c.high)):
+            a, b = clip(c.low), clip(c.high)
+            ax.plot([a, b], [y, y], color=col, lw=2.5)
+            for end, v, mk in ((a, 100 * c.low, "<"), (b, 100 * c.high, ">")):
+                if v != end:  # beyond the axis
+                    ax.plot([end], [y], mk, color=col, ms=8)
+        ax.plot([clip(c.estimate)], [y], "o", color=col, ms=7)
+    ax.set_xlim(lo, hi)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(lines)), [ln[0] for ln in reversed(lines)], fontsize=8)
     ax.set_xlabel("relative margin in the paper's direction (%): > 0 = the claim's direction")

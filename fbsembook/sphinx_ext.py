@@ -59,6 +59,7 @@ def chapter_summary(source: Path) -> tuple[str, str]:
                 continue
         para.append(s)
     summary = " ".join(para)
+    summary = re.sub(r"\s*\{glue(?::\w+)?\}`[^`]*`", "", summary)  # a chapter's glued answer lives on its page
     if not re.search(r"[.!?)]$", summary):  # the paragraph runs on into an equation or a list
         ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", summary)]
         summary = summary[: ends[-1]] if ends else summary

@@ -94,6 +94,9 @@ def test_chapter_summary(tmp_path):
     assert chapter_summary(src) == ("The title", "First line of the paragraph.")
     src.write_text("# T\n\nOne paragraph $x$ {cite:p}`key`.\n\nTwo.\n")
     assert chapter_summary(src) == ("T", "One paragraph $x$ {cite:p}`key`.")
+    # a chapter's glued answer belongs to its page: the summary keeps the question
+    src.write_text("# T\n\n**Question.** Does it work? **Answer.** {glue:md}`t_answer`\n\nMore.\n")
+    assert chapter_summary(src) == ("T", "**Question.** Does it work?")
 
 
 def test_chapter_list_covers_the_toc():
