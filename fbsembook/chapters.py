@@ -33,6 +33,7 @@ __all__ = [
     "toc_files",
     "chapters",
     "find_chapter",
+    "notebook_defaults",
     "convert",
     "notebook_parameters",
     "chapter_defaults",
@@ -173,6 +174,16 @@ def chapter_defaults(number: int, profile: str, root: str | os.PathLike | None =
     if len(files) != 1:
         raise ValueError(f"expected one chapter {int(number):02d}_*.md in {base / BOOK_DIR}, found {len(files)}")
     nb = jupytext.read(files[0])
+    defaults = notebook_defaults(nb, profile)
+    if defaults is None:
+        raise ValueError(f"{files[0].name}: no profile_params({{...}}) call with a dict of defaults")
+    return defaults
+
+
+def notebook_defaults(nb, profile: str) -> dict | None:
+    """The values in ``profile`` of the literal entries of the first
+    ``profile_params({...}, ...)`` call of a notebook (code cells with IPython magics are
+    skipped); None when there is no such call."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -190,4 +201,4 @@ def chapter_defaults(number: int, profile: str, root: str | os.PathLike | None =
                     except (ValueError, TypeError, SyntaxError):
                         continue
                 return dict(profile_params(defaults, profile))
-    raise ValueError(f"{files[0].name}: no profile_params({{...}}) call with a dict of defaults")
+    return None

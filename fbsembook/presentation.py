@@ -110,25 +110,14 @@ def parameter_help(nb) -> dict[str, str]:
 
 
 def _literal_defaults(nb, profile: str) -> dict[str, Any]:
-    """The chapter's own defaults for ``profile``, where they are Python literals."""
-    from fbsembook.profiles import profile_params
+    """The chapter's own defaults for ``profile``, where they are Python literals
+    (:func:`fbsembook.chapters.notebook_defaults`; none when they cannot be resolved here)."""
+    from fbsembook.chapters import notebook_defaults
 
-    for cell in nb.cells:
-        tree = _python(cell.source) if cell.cell_type == "code" else None
-        for node in ast.walk(tree) if tree is not None else ():
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "profile_params"
-                    and node.args and isinstance(node.args[0], ast.Dict)):
-                defaults = {}
-                for k, v in zip(node.args[0].keys, node.args[0].values):
-                    try:
-                        defaults[ast.literal_eval(k)] = ast.literal_eval(v)
-                    except (ValueError, TypeError, SyntaxError):
-                        continue
-                try:
-                    return dict(profile_params(defaults, profile))
-                except Exception:  # an experiment file that cannot be read here: no values shown
-                    return {}
-    return {}
+    try:
+        return notebook_defaults(nb, profile) or {}
+    except Exception:  # an experiment file that cannot be read here: no values shown
+        return {}
 
 
 def _cli_value(value: Any) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from fbsembook import chapters, execute, profiles, publish
+from myst_chapter import myst_chapter
 
 REPO = Path(__file__).resolve().parents[2]
 # `fbsem ...` with this interpreter (`python -m fbsemlib.cli` would load cli.py twice, as
@@ -323,37 +324,9 @@ def test_run_one_chapter_with_a_parameter(built):
     assert bad.returncode == 2 and "no chapter" in bad.stdout
 
 
-BROKEN_CHAPTER = """---
-jupytext:
-  text_representation:
-    extension: .md
-    format_name: myst
-kernelspec:
-  display_name: Python 3
-  language: python
-  name: python3
----
-
-# Broken
-
-```{code-cell} ipython3
-import os
-```
-
-```{code-cell} ipython3
-:tags: [parameters]
-
-profile = os.environ.get("FBSEM_PROFILE", "cpu")
-fail = None
-```
-
-```{code-cell} ipython3
-import sys
-print(sys.executable)
-if fail is None or fail:
-    raise ValueError("boom from the broken chapter")
-```
-"""
+BROKEN_CHAPTER = myst_chapter(
+    "Broken", "", "fail = None",
+    'import sys\nprint(sys.executable)\nif fail is None or fail:\n    raise ValueError("boom from the broken chapter")')
 
 
 @pytest.mark.slow

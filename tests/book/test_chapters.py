@@ -7,36 +7,10 @@ from pathlib import Path
 import pytest
 
 from fbsembook.chapters import chapter_defaults
+from myst_chapter import myst_chapter
 
 
-CHAPTER = """---
-jupytext:
-  text_representation:
-    extension: .md
-    format_name: myst
-    format_version: 0.13
-kernelspec:
-  display_name: Python 3
-  language: python
-  name: python3
----
-
-# A chapter
-
-```{code-cell} ipython3
-import os
-%matplotlib inline
-```
-
-```{code-cell} ipython3
-:tags: [parameters]
-
-profile = os.environ.get("FBSEM_PROFILE", "cpu")
-seeds = None
-```
-
-```{code-cell} ipython3
-p = profile_params(
+CHAPTER = myst_chapter("A chapter", "%matplotlib inline", "seeds = None", """p = profile_params(
     {
         "seeds": {"smoke": [0], "cpu": [0, 1], "paper": [0, 1, 2, 3, 4]},
         "counts": {"smoke": [5.0e4, 1.0e5], "default": [2.0e5, 5.0e5]},
@@ -45,9 +19,7 @@ p = profile_params(
     },
     profile,
     globals(),
-)
-```
-"""
+)""")
 
 
 def test_chapter_defaults(tmp_path):

@@ -15,6 +15,7 @@ import nbformat  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fbsembook import figures  # noqa: E402
+from myst_chapter import myst_chapter
 
 REPO = Path(__file__).resolve().parents[2]
 FBSEM = [sys.executable, "-c", "import sys; from fbsemlib.cli import main; sys.exit(main())"]
@@ -57,39 +58,9 @@ def test_apply_alt_text_fills_every_image_cell():
     assert "mystnb" not in nb.cells[2].metadata
 
 
-CHAPTER = """---
-jupytext:
-  text_representation:
-    extension: .md
-    format_name: myst
-kernelspec:
-  display_name: Python 3
-  language: python
-  name: python3
----
-
-# Figures
-
-```{code-cell} ipython3
-import os
-import numpy as np
-import matplotlib.pyplot as plt
-%matplotlib inline
-```
-
-```{code-cell} ipython3
-:tags: [parameters]
-
-profile = os.environ.get("FBSEM_PROFILE", "cpu")
-```
-
-```{code-cell} ipython3
-fig, ax = plt.subplots()
-ax.plot([0, 1], [1, 0])
-ax.set_title("counts against time")
-plt.show()
-```
-"""
+CHAPTER = myst_chapter(
+    "Figures", "import numpy as np\nimport matplotlib.pyplot as plt\n%matplotlib inline", "",
+    'fig, ax = plt.subplots()\nax.plot([0, 1], [1, 0])\nax.set_title("counts against time")\nplt.show()')
 
 
 def test_executed_figures_carry_alt_text(tmp_path):

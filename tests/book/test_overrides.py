@@ -19,6 +19,7 @@ from fbsemlib.data import DataConfig, recipe_hash
 from fbsemlib.errors import UserError
 from fbsemlib.training import OPERATIONAL_FIELDS, TrainConfig
 from fbsembook import execute, experiments as ex, memory, overrides, profiles
+from myst_chapter import myst_chapter
 
 REPO = Path(__file__).resolve().parents[2]
 FBSEM = [sys.executable, "-c", "import sys; from fbsemlib.cli import main; sys.exit(main())"]
@@ -122,42 +123,11 @@ def test_own_profile_yaml(tmp_path, monkeypatch, no_env_overrides):
         profiles.resolve_profile("gpu")
 
 
-OWN_PROFILE_CHAPTER = """---
-jupytext:
-  text_representation:
-    extension: .md
-    format_name: myst
-kernelspec:
-  display_name: Python 3
-  language: python
-  name: python3
----
-
-# Knobs
-
-```{code-cell} ipython3
-import os
-from fbsembook import experiments as ex
-from fbsembook.profiles import profile_params
-```
-
-```{code-cell} ipython3
-:tags: [parameters]
-
-profile = os.environ.get("FBSEM_PROFILE", "cpu")
-n = None
-```
-
-```{code-cell} ipython3
-p = profile_params({"n": {"smoke": 1, "cpu": 2, "paper": 3}}, profile, globals())
-p
-```
-
-```{code-cell} ipython3
-s = ex.load_profile(profile)
-print("K =", s["data"]["num_iterations"] * s["data"]["num_subsets"], "epochs =", s["train"]["epochs"], "n =", p.n)
-```
-"""
+OWN_PROFILE_CHAPTER = myst_chapter(
+    "Knobs", "from fbsembook import experiments as ex\nfrom fbsembook.profiles import profile_params", "n = None",
+    'p = profile_params({"n": {"smoke": 1, "cpu": 2, "paper": 3}}, profile, globals())\np',
+    's = ex.load_profile(profile)\nprint("K =", s["data"]["num_iterations"] * s["data"]["num_subsets"], "epochs =", '
+    's["train"]["epochs"], "n =", p.n)')
 
 
 def test_chapter_runs_with_own_profile_and_overrides(tmp_path):
