@@ -190,7 +190,8 @@ def part_first_stages(c: Check) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cut = FIRST_STAGES_QUICK if c.args.quick else FIRST_STAGES
-    cfg = write_experiment(work / "paper_cut.yaml", override_sections(load_experiment(ROOT / "data" / "paper.yaml"), cut))
+    paper = load_experiment(ROOT / "data" / "paper.yaml")
+    cfg = write_experiment(work / "paper_cut.yaml", override_sections(paper, cut))
     deadline = time.perf_counter() + c.limit("paper_first_stages")
     res, plan = _plan(c, "paper_first_stages", cfg, limit=deadline - time.perf_counter())
     result = {"status": "ran", "config": str(cfg), "overrides": cut, "plan": res, "stages": {}}
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
         part(c)
     path = c.write()
     failed = [n for n, p in c.doc["parts"].items() if p["status"] == "failed"]
-    print(f"wrote {path} ({c.doc['total_s']:.0f} s); " + (f"failed: {', '.join(failed)}" if failed else "no failures"))
+    print(f"wrote {path} ({c.doc['total_s']:.0f} s); "
+          + (f"failed: {', '.join(failed)}" if failed else "no failures"))
     return 1 if failed else 0
 
 

@@ -29,11 +29,13 @@ DRY_RUN_2D = {
     "data.num_iterations": 1, "data.reference_iterations": 2,
     "train.epochs": 2, "train.epochs_per_module": 1,
 }
-#: the 3D variant of data/paper.yaml's header (mMR rings 2 voxels apart: R rings, 2R - 1 slices), two rings
+#: the 3D variant of data/paper.yaml's header (mMR rings 2 voxels apart: R rings, 2R - 1 slices), two
+#: rings; K = 1 x 2 modules and one epoch (a 3D step of the width-32 CNN is slow on a CPU)
 DRY_RUN_3D = {
     **DRY_RUN_2D, "data.name": "paper3d", "data.scanner": "mmr", "data.num_rings": 2, "data.max_ring_difference": 1,
     "data.image_shape": [3, 172, 172], "data.counts_range": [9.0e+7, 1.2e+8],
-    "data.noise_realisations": {"train": 1, "validation": 1, "test": 1}, "train.batch_size": 1,
+    "data.noise_realisations": {"train": 1, "validation": 1, "test": 1}, "data.num_subsets": 2,
+    "train.batch_size": 1, "train.epochs": 1,
 }
 
 
@@ -50,13 +52,13 @@ def _check_run(run: Path, mode: str, K: int, overrides: dict) -> dict:
     except for the overridden sizes."""
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mode"] == mode and metrics["num_modules"] == K
-    assert metrics["steps"] >= 2
+    assert metrics["steps"] >= 1
     assert _finite(metrics["val_eval"]["nrmse_reference"]) and _finite(metrics["train_time_s"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
     paper = load_experiment(PAPER)
     assert diff({k: saved["model"][k] for k in paper["model"]}, paper["model"]) == []
     changed = {k.split(".", 1)[1] for k in overrides if k.startswith("train.")} | {"mode"}
-    expected = {k: v for k, v in paper["train"].items() if k not in changed}
+    expected = {k: v for k, v in paper["train"].items() if k not in changed and k in saved["train"]}
     assert diff({k: saved["train"][k] for k in expected}, expected, rel_tol=1e-12) == []
     return metrics
 
@@ -88,4 +90,4 @@ def test_paper_profile_dry_run_3d(tmp_path):
     for mode in ("sequential", "end-to-end"):
         out = tmp_path / mode
         _run("train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--mode", mode, "--no-progress")
-        _check_run(out, mode, 6, DRY_RUN_3D)
+        _check_run(out, mode, 2, DRY_RUN_3D)

@@ -277,7 +277,8 @@ def _measure_training(sections: Mapping, dev: torch.device, repeats: int, K: int
     method = ("cuda max_memory_allocated (parameters, projector and batch included), linear in K" if cuda else
               "memory model (autograd's saved tensors + batch) + parameters, gradients and Adam, linear in K")
     return dict(setup_s=setup_s, prepare_s=prepare_s, module_train_s=train_s[False],
-                module_train_checkpointed_s=train_s[True], sequential_step_s=sequential_s, module_forward_s=forward_s, memory=memory, memory_method=method,
+                module_train_checkpointed_s=train_s[True], sequential_step_s=sequential_s,
+                module_forward_s=forward_s, memory=memory, memory_method=method,
                 param_bytes_per_module=int(param_bytes))
 
 
@@ -292,7 +293,8 @@ def _measure_evaluation(sections: Mapping, data_dir: Path, dev: torch.device, sa
         torch.cuda.reset_peak_memory_stats(dev)
     # the sweep: every strength of a method costs the same; one strength per method is timed
     methods = [m for m in BASELINE_METHODS if m != "osem"]
-    one_each = dataclasses.replace(cfg, **{f: getattr(cfg, f)[:1] for f in ("fwhm_mm", "beta_quadratic", "beta_bowsher")})
+    one_each = dataclasses.replace(cfg, **{f: getattr(cfg, f)[:1]
+                                           for f in ("fwhm_mm", "beta_quadratic", "beta_bowsher")})
     say(f"evaluate: baseline sweep (one strength per method) on {len(val)} validation sample(s)")
     t = time.perf_counter()
     sw = sweep(val, P, one_each, methods)
@@ -381,7 +383,8 @@ def _counts(sections: Mapping) -> dict:
     subjects = recipe.split_counts()
     samples = {s: subjects[s] * recipe.images_per_subject * recipe.noise_realisations[s] for s in subjects}
     bins = math.prod(recipe.geometry().shape)
-    return dict(K=schedule_K(sections), data_K=recipe.K, subjects=subjects, images_per_subject=recipe.images_per_subject,
+    return dict(K=schedule_K(sections), data_K=recipe.K, subjects=subjects,
+                images_per_subject=recipe.images_per_subject,
                 samples=samples, batch_size=train.batch_size, epochs=train.epochs,
                 epochs_per_module=train.epochs_per_module, validation_every=train.validation_every,
                 voxels=math.prod(recipe.image_shape), sinogram_bins=bins, cache=train.cache,
@@ -403,10 +406,11 @@ def _training_rows(c: dict, m: Measurements) -> list[dict]:
     cuda = m.device.startswith("cuda")
     state = 0 if cuda else 4 * params  # CPU: parameters, gradients, Adam (on CUDA inside max_memory_allocated)
     rows = []
+    validate = _validations(c["epochs"], c["validation_every"]) * vb * (m.prepare_s + K * m.module_forward_s)
     for stage, key, per_module in (("train end-to-end", "end-to-end", m.module_train_s),
-                                   ("train end-to-end (checkpointed)", "checkpointed", m.module_train_checkpointed_s)):
-        t = m.setup_s + c["epochs"] * spe * (m.prepare_s + K * per_module) \
-            + _validations(c["epochs"], c["validation_every"]) * vb * (m.prepare_s + K * m.module_forward_s) + final_eval
+                                   ("train end-to-end (checkpointed)", "checkpointed",
+                                    m.module_train_checkpointed_s)):
+        t = m.setup_s + c["epochs"] * spe * (m.prepare_s + K * per_module) + validate + final_eval
         rows.append(dict(stage=stage, wall_s=t, peak_device_bytes=_linear(m.memory[key], K) + state,
                          host_bytes=data_host, disk_bytes=run_disk,
                          how=f"{c['epochs']} epochs x {spe} steps of K = {K} modules + validations"))
@@ -419,7 +423,8 @@ def _training_rows(c: dict, m: Measurements) -> list[dict]:
         stage_s += 2 * m.module_forward_s
     t = m.setup_s + (spe + vb) * m.prepare_s + K * stage_s + final_eval
     seq_state = 0 if cuda else 4 * m.param_bytes_per_module + params
-    rows.append(dict(stage="train sequential", wall_s=t, peak_device_bytes=_linear(m.memory["sequential"], 2) + seq_state,
+    rows.append(dict(stage="train sequential", wall_s=t,
+                     peak_device_bytes=_linear(m.memory["sequential"], 2) + seq_state,
                      host_bytes=data_host + (cache_need if in_memory else 0),
                      disk_bytes=run_disk + (0 if in_memory else cache_need),
                      how=f"K = {K} stages x {E} epochs x {spe} steps of one module; cache "
@@ -436,10 +441,11 @@ def forecast(sections: Mapping[str, Any], measurements: Measurements, name: str 
     images = sum(c["subjects"].values()) * c["images_per_subject"]
     sim_disk = sum(c["subjects"][s] * c["images_per_subject"] * m.disk_bytes_per_image.get(s, 0.0)
                    for s in c["subjects"])
-    sim_peak = m.simulate_peak_bytes
+    sim_peak = m.simulate_peak_bytes  # CUDA: of a mini subject, scaled to a subject's images
+    if sim_peak is not None:
+        sim_peak = int(sim_peak * c["images_per_subject"] / max(1, min(c["images_per_subject"], MINI_IMAGES)))
     rows = [dict(stage="simulate", wall_s=m.simulate_setup_s + images * m.simulate_s_per_image,
-                 peak_device_bytes=None if sim_peak is None else int(sim_peak * c["images_per_subject"]
-                                                                     / max(1, min(c["images_per_subject"], MINI_IMAGES))),
+                 peak_device_bytes=sim_peak,
                  host_bytes=c["simulate_host_bytes"], disk_bytes=int(sim_disk),
                  how=f"{images} images x {m.simulate_s_per_image:.3g} s on {m.simulate_device}")]
     rows += _training_rows(c, m)
