@@ -375,9 +375,14 @@ HOSTILE_CASES = [
         d, "multiplicative", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a)))),
      "multiplicative holds NaN"),
     ("negative multiplicative", lambda t, d, m: _rec(m, _good_scan(t, d, multiplicative=_item_array(
-        d, "multiplicative", lambda a: -a))), "multiplicative must be positive"),
+        d, "multiplicative", lambda a: -a))), "multiplicative must be non-negative"),
     ("negative additive", lambda t, d, m: _rec(m, _good_scan(t, d, additive=_item_array(
         d, "additive", lambda a: a - 1e3))), "additive must be non-negative"),
+    ("counts where the model expects none", lambda t, d, m: _rec(m, _good_scan(
+        t, d, multiplicative=_item_array(d, "multiplicative", lambda a: np.where(np.arange(a.size).reshape(a.shape) < 5, 0, a)),
+        additive=_item_array(d, "additive", lambda a: np.where(np.arange(a.size).reshape(a.shape) < 5, 0, a)),
+        y=_item_array(d, "y", lambda a: np.where(np.arange(a.size).reshape(a.shape) < 5, 3.0, a)))),
+     "counts where multiplicative and additive are both 0"),
     ("Inf y", lambda t, d, m: _rec(m, _good_scan(t, d, y=_item_array(d, "y", lambda a: a * np.inf))),
      "y holds NaN or Inf"),
     ("mismatched batch sizes", lambda t, d, m: _rec(m, _good_scan(t, d, y=_item_array(

@@ -8,6 +8,7 @@ import sys
 
 import h5py
 import numpy as np
+import torch
 import pytest
 
 import fbsemlib as fb
@@ -104,6 +105,17 @@ def test_reconstruct_writes_nifti_and_reads_nifti_mr_and_mu_map(smoke_model, smo
     assert rc == 0 and f"wrote {npy} and {nii}" in out
     image, g = nifti.read_nifti(nii)
     assert g == grid and np.allclose(image, np.load(npy)[0])
+
+    # a scanner with detector gaps: zero multiplicative (and no counts) in some bins is data too
+    with h5py.File(tmp_path / "gaps.h5", "w") as h:
+        gap = torch.zeros_like(item["y"], dtype=torch.bool)
+        gap[..., ::7] = True
+        h["y"] = item["y"].masked_fill(gap, 0).numpy()
+        h["multiplicative"] = item["multiplicative"].masked_fill(gap, 0).numpy()
+        h["additive"] = item["additive"].masked_fill(gap, 0).numpy()
+        h["mr"] = item["mr"].numpy()
+    rc = main(["reconstruct", "--model", str(smoke_model), "--sinogram", str(tmp_path / "gaps.h5")])
+    assert rc == 0 and np.isfinite(np.load(tmp_path / "gaps_fbsem.npy")).all(), capsys.readouterr().err
 
     # the same data with the MR and the mu-map as NIfTI files, the attenuation left out of the factors
     with h5py.File(tmp_path / "noatt.h5", "w") as h:

@@ -141,11 +141,19 @@ def _checked_inputs(d: dict, P, sinogram_path, unit_factors: bool, use_mr: bool)
         t = shape5(name, trailing)
         if t.shape[0] not in (1, B):
             raise UserError(f"{name} has a batch of {t.shape[0]} but y has {B}: give 1 or {B}")
-        if name == "multiplicative" and bool((t <= 0).any()):
-            raise UserError("multiplicative must be positive (attenuation x normalisation x scale)")
+        if name == "multiplicative" and (bool((t < 0).any()) or not bool((t > 0).any())):
+            raise UserError("multiplicative must be non-negative and not all zero (attenuation x normalisation x "
+                            "scale; zero only in bins no LOR measures, e.g. detector gaps)")
         if name == "additive" and bool((t < 0).any()):
             raise UserError("additive must be non-negative (randoms + scatter)")
         out[name] = t
+    # counts where the model expects none (no sensitivity and no background): not this scanner's data
+    mult, add = out.get("multiplicative"), out.get("additive")
+    if mult is not None:
+        dead = (mult == 0) & ((add == 0) if add is not None else True)
+        if bool((dead & (y > 0)).any()):
+            raise UserError(f"y has {int((dead & (y > 0)).sum())} bin(s) with counts where multiplicative and additive "
+                            "are both 0 (e.g. detector gaps): wrong factors or another geometry")
     if use_mr and out["mr"] is None:
         raise UserError("this model uses an MR image: give 'mr' in the input file")
     return out["y"], out["multiplicative"], out["additive"], out["mr"]
