@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["OKABE_ITO", "CMAP_ACTIVITY", "CMAP_MR", "CMAP_DIFFERENCE", "ACTIVITY_UNIT", "setup", "show_images", "shared_colorbar",
+__all__ = ["OKABE_ITO", "TAB_TO_OKABE_ITO", "CMAP_ACTIVITY", "CMAP_MR", "CMAP_DIFFERENCE", "ACTIVITY_UNIT", "setup", "show_images", "shared_colorbar",
            "describe", "install", "apply_alt_text"]
 
 #: Okabe & Ito (2008), "Color Universal Design": orange, sky blue, bluish green, yellow, blue,
@@ -39,10 +39,22 @@ _IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml")
 _MARK = "_fbsem_alt"
 
 
+#: the Tableau colour names the chapters use, drawn from the Okabe-Ito palette instead, so that a
+#: chapter's ``color="tab:red"`` next to ``"tab:green"`` stays distinguishable (gray stays gray)
+TAB_TO_OKABE_ITO: dict[str, str] = {"tab:blue": "#0072B2", "tab:orange": "#E69F00", "tab:green": "#009E73",
+                                    "tab:red": "#D55E00", "tab:purple": "#CC79A7", "tab:cyan": "#56B4E9",
+                                    "tab:olive": "#F0E442", "tab:brown": "#000000"}
+
+
 def setup() -> None:
-    """Set the book's figure style in matplotlib's ``rcParams`` (idempotent)."""
+    """Set the book's figure style in matplotlib's ``rcParams`` and map the ``tab:`` colour
+    names to :data:`TAB_TO_OKABE_ITO` (idempotent)."""
     import matplotlib as mpl
+    import matplotlib.colors as mcolors
     from cycler import cycler
+
+    for name, hex_ in TAB_TO_OKABE_ITO.items():  # the table matplotlib resolves colour names in
+        mcolors._colors_full_map[name] = hex_
 
     mpl.rcParams.update({
         "axes.prop_cycle": cycler(color=list(OKABE_ITO)),

@@ -40,6 +40,11 @@ def test_style_is_colour_blind_safe():
     colours = [c["color"].upper() for c in matplotlib.rcParams["axes.prop_cycle"]]
     assert colours == [c.upper() for c in figures.OKABE_ITO]
     assert matplotlib.rcParams["image.cmap"] == figures.CMAP_ACTIVITY
+    # the chapters' "tab:" colour names are drawn from the same palette (red next to green: vermillion, green)
+    from matplotlib.colors import to_hex
+
+    assert {to_hex(n).upper() for n in ("tab:red", "tab:green", "tab:blue", "tab:orange")} <= set(figures.OKABE_ITO)
+    assert to_hex("tab:gray") == "#7f7f7f"
 
 
 def test_apply_alt_text_fills_every_image_cell():
