@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from conftest import requires_cuda
+from markers import requires_cuda
 from fbsemlib.models.fbsem import FBSEMNet, ModelConfig
 from fbsemlib.models.losses import relative_mse, target_weights, unrolled_loss
 from fbsemlib.physics.forward_model import PETForwardModel

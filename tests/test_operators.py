@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from conftest import requires_cuda, requires_parallelproj
+from markers import requires_cuda, requires_parallelproj
 from operator_checks import (
     autodiff_test,
     batching_test,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from conftest import requires_cuda
+from markers import requires_cuda
 from fbsemlib.physics.forward_model import PETForwardModel, normalisation_factors
 from fbsemlib.recon.em import em_update, fuse, fusion_objective
 from fbsemlib.recon.priors import BowsherPrior, QuadraticPrior, neighbourhood_offsets

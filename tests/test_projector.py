@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fbsemlib as fb
-from conftest import requires_cuda, requires_parallelproj
+from markers import requires_cuda, requires_parallelproj
 
 METHODS = ["matrix", "on-the-fly"]
 
