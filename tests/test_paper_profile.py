@@ -65,17 +65,24 @@ def _check_run(run: Path, mode: str, K: int, overrides: dict) -> dict:
     return metrics
 
 
-@pytest.mark.slow
-def test_paper_profile_dry_run_2d(tmp_path):
-    cfg = write_experiment(tmp_path / "paper_dry.yaml", override_sections(load_experiment(PAPER), DRY_RUN_2D))
+def _simulate_and_train(tmp_path: Path, overrides: dict, scanner: str, shape: list, K: int) -> Path:
+    """Simulate the cut paper profile and train it both ways through the CLI; returns the
+    dataset folder (the runs are ``tmp_path / mode``)."""
+    cfg = write_experiment(tmp_path / "paper_dry.yaml", override_sections(load_experiment(PAPER), overrides))
     data = tmp_path / "data"
     _run("simulate", "--config", str(cfg), "--out", str(data), "--no-progress")
     manifest = json.loads((data / "manifest.json").read_text())
-    assert manifest["recipe"]["scanner"] == "mmr2d" and manifest["recipe"]["image_shape"] == [1, 172, 172]
+    assert manifest["recipe"]["scanner"] == scanner and manifest["recipe"]["image_shape"] == shape
     for mode in ("sequential", "end-to-end"):
         out = tmp_path / mode
         _run("train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--mode", mode, "--no-progress")
-        _check_run(out, mode, 6, DRY_RUN_2D)
+        _check_run(out, mode, K, overrides)
+    return data
+
+
+@pytest.mark.slow
+def test_paper_profile_dry_run_2d(tmp_path):
+    data = _simulate_and_train(tmp_path, DRY_RUN_2D, "mmr2d", [1, 172, 172], 6)
     _run("evaluate", "--model", str(tmp_path / "sequential"), "--data", str(data))
     ev = json.loads((tmp_path / "sequential" / "evaluation.json").read_text())
     for method in ("fbsem", "osem", "osem_postfilter", "mapem_quadratic", "mapem_bowsher"):
@@ -84,12 +91,4 @@ def test_paper_profile_dry_run_2d(tmp_path):
 
 @pytest.mark.slow
 def test_paper_profile_dry_run_3d(tmp_path):
-    cfg = write_experiment(tmp_path / "paper3d_dry.yaml", override_sections(load_experiment(PAPER), DRY_RUN_3D))
-    data = tmp_path / "data"
-    _run("simulate", "--config", str(cfg), "--out", str(data), "--no-progress")
-    manifest = json.loads((data / "manifest.json").read_text())
-    assert manifest["recipe"]["scanner"] == "mmr" and manifest["recipe"]["image_shape"] == [3, 172, 172]
-    for mode in ("sequential", "end-to-end"):
-        out = tmp_path / mode
-        _run("train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--mode", mode, "--no-progress")
-        _check_run(out, mode, 2, DRY_RUN_3D)
+    _simulate_and_train(tmp_path, DRY_RUN_3D, "mmr", [3, 172, 172], 2)
