@@ -310,19 +310,15 @@ def simulate_subject(ctx: SimulationContext, subject: int, split: str) -> dict:
         true_additive64 = background(ax)
         ybar64 = view(scale) * n.double() * ax + true_additive64  # expected data
         ybar = ybar64.float()
-        # what the reconstruction is told (DataConfig.background)
-        if cfg.background == "exact" and ctx.oversampling == 1:
-            a, additive64 = a_true, true_additive64
-        elif cfg.background == "exact":
-            a = attenuation_factors(P, torch.from_numpy(ph["mu_map"]).to(dev))
-            additive64 = true_additive64
-        else:
-            a = attenuation_factors(P, torch.from_numpy(ph["mu_map"]).to(dev))
-            additive64 = background((P(x) * a).double())
+        # what the reconstruction is told (DataConfig.background): the attenuation of its own
+        # grid's mu-map (the true one without oversampling) and the true or estimated background
+        a = a_true if ctx.oversampling == 1 else attenuation_factors(P, torch.from_numpy(ph["mu_map"]).to(dev))
+        additive64 = true_additive64 if cfg.background == "exact" else background((P(x) * a).double())
         mult = (view(scale) * (n.double() * a.double())).float()
         additive = additive64.float()
         model = PETForwardModel(P, mult, additive)
-        if ctx.oversampling == 1 and cfg.background == "exact":
+        inverse_crime = ctx.oversampling == 1 and cfg.background == "exact"  # the model is the truth
+        if inverse_crime:
             ybar = model.expected(x)  # float32: exactly what the network's model computes
         # noise realisations
         R_ = cfg.noise_realisations[split]
@@ -343,7 +339,7 @@ def simulate_subject(ctx: SimulationContext, subject: int, split: str) -> dict:
         # high-count reference
         hc = torch.as_tensor(cfg.high_count, dtype=torch.float64, device=dev) / counts
         hc_model = PETForwardModel(P, (view(hc) * mult.double()).float(), (view(hc) * additive64).float())
-        if ctx.oversampling == 1 and cfg.background == "exact":
+        if inverse_crime:
             ybar_hc = hc_model.expected(x).double()
         else:  # the same scan, high_count / counts times longer
             ybar_hc = view(hc) * ybar64

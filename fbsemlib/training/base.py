@@ -188,19 +188,9 @@ class Trainer:
                         truth: bool = False) -> Iterator[tuple[torch.Tensor, LoadedBatch]]:
         """``(indices, batch on the training device)`` of ``ds`` in ``order`` (the indices,
         the samples' positions in ``ds``, stay on the CPU); ``truth``: with the true
-        activity and brain mask (only datasets that have them)."""
-        truth = truth and self._has_truth(ds)
+        activity and brain mask (None where a dataset has none)."""
         for b in self._loader(ds, order, targets, batch_indices, truth):
             yield b.index, b.to(self.dev, non_blocking=True)
-
-    @staticmethod
-    def _has_truth(ds) -> bool:
-        """Whether the samples of ``ds`` carry the true activity and brain mask."""
-        try:
-            s = ds[0]
-        except (IndexError, TypeError):
-            return False
-        return s.get("activity") is not None and s.get("brain_mask") is not None
 
     def _phantom_error(self, out: torch.Tensor, b: PETBatch) -> float:
         """Sum over the batch of the relative error (:func:`relative_error`) of ``out`` to

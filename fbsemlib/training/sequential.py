@@ -317,6 +317,11 @@ class SequentialTrainer(Trainer):
                 out = self.model.step(k, cache.x.get(idx).to(self.dev), ctx).float()
             yield out, b
 
+    def _selects_checkpoint(self, k: int) -> bool:
+        """Whether stage ``k``'s weights are chosen by the final image's validation NRMSE to
+        the phantom (``checkpoint_selection: validation``): the last stage, which makes it."""
+        return self.config.checkpoint_selection == "validation" and k == self.K - 1
+
     @torch.no_grad()
     def _validate_stage(self, k: int) -> dict:
         self.model.eval()
@@ -436,7 +441,7 @@ class SequentialTrainer(Trainer):
                 rec.update(val_loss=v["loss"], val_nrmse=v["nrmse"], val_nrmse_final=v["nrmse_final"],
                            val_nrmse_phantom=v["nrmse_phantom"])
                 st["val_loss"], st["val_nrmse"] = v["loss"], v["nrmse"]
-                select = c.checkpoint_selection == "validation" and k == self.K - 1  # the final image's stage
+                select = self._selects_checkpoint(k)
                 rec["best"] = EarlyStop.update(st, self._selection_value(v) if select else v["loss"], epoch,
                                                lambda: self._module_state(k), c.early_stopping_patience,
                                                keep_best=select)
@@ -454,8 +459,7 @@ class SequentialTrainer(Trainer):
         """Restore the stage's best weights (early stopping), cache the next stage's inputs,
         log the stage and checkpoint."""
         c, net = self.config, self.model
-        selected = c.checkpoint_selection == "validation" and k == self.K - 1
-        if st["best_state"] is not None and (c.early_stopping_patience is not None or selected):
+        if st["best_state"] is not None and (c.early_stopping_patience is not None or self._selects_checkpoint(k)):
             self._load_module_state(k, st["best_state"])
         net.zero_grad(set_to_none=True)
         for p in net.parameters():
