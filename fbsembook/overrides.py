@@ -29,12 +29,11 @@ chapter opened in Jupyter.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Any, Callable, Mapping
 
-from fbsemlib.config import SECTIONS, ConfigError, did_you_mean
+from fbsemlib.config import SECTIONS, did_you_mean, override_sections
 from fbsemlib.errors import UserError
 
 __all__ = ["OVERRIDES_ENV", "is_override", "split_overrides", "active_overrides", "apply_overrides",
@@ -73,22 +72,8 @@ def active_overrides() -> dict[str, Any]:
 
 def apply_overrides(sections: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
     """A copy of experiment ``sections`` with the dotted-key ``overrides`` applied
-    (``{"train.epochs": 3, "data.phantom.template_resolution": 2}``)."""
-    out = copy.deepcopy(dict(sections))
-    for key, value in (overrides or {}).items():
-        parts = str(key).split(".")
-        if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"override keys are 'section.field', got {key!r}")
-        d = out
-        for i, p in enumerate(parts[:-1]):
-            if d.get(p) is None:
-                d[p] = {}
-            d = d[p]
-            if not isinstance(d, dict):
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])!r} is {d!r}, not a section "
-                                  "with fields")
-        d[parts[-1]] = copy.deepcopy(value)
-    return out
+    (:func:`fbsemlib.config.override_sections`, the library's one override rule)."""
+    return override_sections(sections, overrides)
 
 
 def _validators() -> dict[str, Callable[[dict], Any]]:

@@ -34,6 +34,7 @@ Errors are :class:`ConfigError`, a ``ValueError`` that the CLI prints as
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -47,7 +48,7 @@ import yaml
 from fbsemlib.errors import UserError
 from fbsemlib.provenance import is_number
 
-__all__ = ["ConfigError", "SECTIONS", "LIMITS", "check_limit", "available_cores", "available_memory_bytes",
+__all__ = ["ConfigError", "override_sections", "SECTIONS", "LIMITS", "check_limit", "available_cores", "available_memory_bytes",
            "did_you_mean", "unknown_key_error", "load_experiment", "load_section", "from_dict", "to_dict", "diff"]
 
 
@@ -153,6 +154,27 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"config file {str(p)!r}: section {name!r} must be a mapping, got "
                               f"{type(section).__name__}")
         out[name] = section
+    return out
+
+
+def override_sections(sections: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
+    """A copy of an experiment's ``sections`` with the dotted-key ``overrides`` applied
+    (``{"train.epochs": 3, "data.phantom.template_resolution": 2}``): the one override rule of
+    ``fbsem plan --set``, the book's ``-p section.field`` and the tests' cut profiles."""
+    out = copy.deepcopy(dict(sections))
+    for key, value in (overrides or {}).items():
+        parts = str(key).split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override keys are 'section.field', got {key!r}")
+        d = out
+        for i, p in enumerate(parts[:-1]):
+            if d.get(p) is None:
+                d[p] = {}
+            d = d[p]
+            if not isinstance(d, dict):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])!r} is {d!r}, not a section "
+                                  "with fields")
+        d[parts[-1]] = copy.deepcopy(value)
     return out
 
 

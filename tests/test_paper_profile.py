@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from fbsemlib.cli import main
-from fbsemlib.config import diff, load_experiment
-from fbsemlib.evaluation.forecast import override_sections, write_experiment
+from fbsemlib.config import diff, load_experiment, override_sections
+from fbsemlib.evaluation.forecast import write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "data" / "paper.yaml"

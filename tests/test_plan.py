@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from fbsemlib.cli import main
-from fbsemlib.config import load_experiment
-from fbsemlib.evaluation.forecast import (BOOK_WORKLOADS, format_table, forecast_experiment, override_sections,
+from fbsemlib.config import load_experiment, override_sections
+from fbsemlib.evaluation.forecast import (BOOK_WORKLOADS, format_table, forecast_experiment,
                                           write_experiment)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import sys
 
 import yaml
 
-from fbsemlib.config import load_experiment
+from fbsemlib.config import load_experiment, override_sections
 from fbsemlib.errors import UserError
-from fbsemlib.evaluation.forecast import forecast_experiment, format_table, override_sections
+from fbsemlib.evaluation.forecast import forecast_experiment, format_table
 from fbsemlib.training.device import resolve_device
 
 __all__ = ["cmd_plan", "parse_overrides"]

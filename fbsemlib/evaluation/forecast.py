@@ -42,7 +42,6 @@ to disk. Every row says how its numbers were obtained.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import statistics
@@ -69,7 +68,7 @@ from fbsemlib.training.memory.problem import build_problem
 from fbsemlib.training.optim import make_optimizer
 from fbsemlib.training.stage_cache import cache_bytes
 
-__all__ = ["MINI_IMAGES", "BOOK_WORKLOADS", "BookWorkload", "Measurements", "Forecast", "override_sections",
+__all__ = ["MINI_IMAGES", "BOOK_WORKLOADS", "BookWorkload", "Measurements", "Forecast",
            "write_experiment", "measure", "forecast", "forecast_experiment", "format_table"]
 
 #: images per subject of the mini dataset that :func:`measure` simulates
@@ -109,21 +108,6 @@ BOOK_WORKLOADS: dict[str, BookWorkload] = {"smoke": BookWorkload(2, 1), "cpu": B
 # ----------------------------------------------------------------------------------------
 # experiment sections
 # ----------------------------------------------------------------------------------------
-def override_sections(sections: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
-    """A copy of an experiment's sections with dotted-key ``overrides`` applied
-    (``{"train.epochs": 3, "data.split": {...}}``)."""
-    out = copy.deepcopy(dict(sections))
-    for key, value in overrides.items():
-        parts = str(key).split(".")
-        if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"override keys are 'section.key', got {key!r}")
-        d = out.setdefault(parts[0], {})
-        for p in parts[1:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = copy.deepcopy(value)
-    return out
-
-
 def write_experiment(path: str | Path, sections: Mapping[str, Any]) -> Path:
     """Write sections as an experiment YAML file (atomically); returns the path."""
     return atomic_write_text(Path(path), yaml.safe_dump(dict(sections), sort_keys=False))
