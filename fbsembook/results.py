@@ -60,14 +60,7 @@ def per_image(evaluations, method: str, metric: str) -> np.ndarray:
     keys = set.intersection(*(set(t) for t in tables))
     if not keys:
         raise ValueError(f"no test image has {metric!r} for {method!r}")
-    subjects = sorted({s for s, _ in keys}, key=str)
-    images = [sorted((i for s, i in keys if s == subj), key=str) for subj in subjects]
-    out = np.full((len(tables), len(subjects), max(len(i) for i in images)), np.nan)
-    for r, t in enumerate(tables):
-        for si, (subj, ims) in enumerate(zip(subjects, images)):
-            for j, im in enumerate(ims):
-                out[r, si, j] = t[subj, im]
-    return out
+    return S.by_subject(tables, *S.image_layout(keys))
 
 
 def mean_interval(evaluations, method: str, metric: str, n_boot: int = 4000, seed: int = 0,

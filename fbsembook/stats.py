@@ -50,6 +50,8 @@ __all__ = [
     "metric_by_image",
     "PairedMargins",
     "paired_margins",
+    "image_layout",
+    "by_subject",
     "Interval",
     "percentile_interval",
     "bootstrap_p_value",
@@ -155,18 +157,32 @@ def paired_margins(new, ref, metric: str = "nrmse", new_method: str = "fbsem", r
     keys = set.intersection(*(set(a) & set(b) for a, b in tables))
     if not keys:
         raise ValueError(f"no test image has {metric!r} for both {new_method!r} and {ref_method!r}")
+    subjects, images = image_layout(keys)
+    new_v = by_subject([a for a, _ in tables], subjects, images)
+    ref_v = by_subject([b for _, b in tables], subjects, images)
+    vals = relative_margin(new_v, ref_v, better)
+    ok = ~np.isnan(new_v)
+    return PairedMargins(vals, subjects, images, float(new_v[ok].mean()), float(ref_v[ok].mean()))
+
+
+def image_layout(keys) -> tuple[tuple, tuple]:
+    """``(subjects, images)`` of a set of ``(subject, image)`` keys: the subjects sorted, and
+    each subject's images sorted (the layout of :class:`PairedMargins` and of
+    :func:`by_subject`'s arrays)."""
     subjects = tuple(sorted({s for s, _ in keys}, key=str))
     images = tuple(tuple(sorted((i for s, i in keys if s == subj), key=str)) for subj in subjects)
-    width = max(len(i) for i in images)
-    vals = np.full((n, len(subjects), width), np.nan)
-    nv, rv = [], []
-    for r, (a, b) in enumerate(tables):
+    return subjects, images
+
+
+def by_subject(tables: Sequence[Mapping[tuple, float]], subjects: Sequence, images: Sequence) -> np.ndarray:
+    """``(len(tables), subjects, images)`` array of ``(subject, image) -> value`` tables laid
+    out by :func:`image_layout`, NaN past a subject's images."""
+    out = np.full((len(tables), len(subjects), max(len(i) for i in images)), np.nan)
+    for r, t in enumerate(tables):
         for si, (subj, ims) in enumerate(zip(subjects, images)):
             for j, im in enumerate(ims):
-                vals[r, si, j] = relative_margin(a[subj, im], b[subj, im], better)
-                nv.append(a[subj, im])
-                rv.append(b[subj, im])
-    return PairedMargins(vals, subjects, images, float(np.mean(nv)), float(np.mean(rv)))
+                out[r, si, j] = t[subj, im]
+    return out
 
 
 # ----------------------------------------------------------------------------------------
