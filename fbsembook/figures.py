@@ -53,8 +53,9 @@ def setup() -> None:
     import matplotlib.colors as mcolors
     from cycler import cycler
 
-    for name, hex_ in TAB_TO_OKABE_ITO.items():  # the table matplotlib resolves colour names in
-        mcolors._colors_full_map[name] = hex_
+    names = mcolors.get_named_colors_mapping()  # the table colour names resolve in (public API)
+    for name, hex_ in TAB_TO_OKABE_ITO.items():
+        names[name] = hex_  # item by item: its __setitem__ clears matplotlib's colour cache
 
     mpl.rcParams.update({
         "axes.prop_cycle": cycler(color=list(OKABE_ITO)),
