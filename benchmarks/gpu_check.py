@@ -183,8 +183,8 @@ def part_first_stages(c: Check) -> None:
     if not c.cuda:
         c.skip("paper_first_stages", "CUDA not available")
         return
-    from fbsemlib.config import load_experiment
-    from fbsemlib.evaluation.forecast import override_sections, write_experiment
+    from fbsemlib.config import load_experiment, override_sections
+    from fbsemlib.evaluation.forecast import write_experiment
 
     work = c.out / "paper_first_stages"
     shutil.rmtree(work, ignore_errors=True)
